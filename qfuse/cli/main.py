@@ -1,0 +1,5 @@
+"""Placeholder: the CLI is being written."""
+
+
+def main() -> int:
+    return 0

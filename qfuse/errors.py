@@ -47,3 +47,11 @@ class MetadataCorruption(Exception):
 
     def __str__(self) -> str:
         return f"{self.path}: {self.where}: {self.reason}"
+
+
+class FormatError(Exception):
+    """A structure in the image breaks the qcow2 spec or one of our limits.
+
+    Raised by the format layer, which knows no paths; the engine adds the
+    image's path and re-raises it as `ImageError`.
+    """

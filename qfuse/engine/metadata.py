@@ -213,7 +213,7 @@ def _read_snapshot_table(file: HostFile, meta: Metadata) -> list[snapfmt.Snapsho
         check_l1(meta, f"L1 table of snapshot {snap.id!r}", snap.l1_table_offset,
                  snap.l1_size, disk_size)
         result.append(snap)
-        pos += size
+        pos += (size + 7) & ~7
     return result
 
 

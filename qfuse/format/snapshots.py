@@ -52,15 +52,18 @@ class Snapshot:
 
 
 def entry_size(fixed: bytes) -> int:
-    """Whole size of an entry, padding included, from its first 40 bytes."""
+    """Size of an entry without its padding, from its first 40 bytes.
+
+    The next entry starts at the next multiple of 8; the last entry's padding
+    may be missing at the end of the file (QEMU does not write it).
+    """
     parsed = SnapshotFixedStruct.parse(fixed)
     if parsed.extra_data_size > MAX_SNAPSHOT_EXTRA_DATA:
         raise FormatError(
             f"snapshot extra data of {parsed.extra_data_size} bytes exceeds "
             f"{MAX_SNAPSHOT_EXTRA_DATA}"
         )
-    size = FIXED_ENTRY_SIZE + parsed.extra_data_size + parsed.id_str_size + parsed.name_size
-    return (size + 7) & ~7
+    return FIXED_ENTRY_SIZE + parsed.extra_data_size + parsed.id_str_size + parsed.name_size
 
 
 def parse_entry(buf: bytes) -> Snapshot:

@@ -71,6 +71,7 @@ class HostFile:
             if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
                 raise ImageError(path, "not a regular file or block device")
             self.alignment = self._probe_alignment() if cache.direct else 1
+            self._edge_locks: dict[int, trio.Lock] = {}
         except BaseException:
             os.close(self.fd)
             raise
@@ -134,10 +135,99 @@ class HostFile:
         finally:
             buf.close()
 
+    # -- writing ------------------------------------------------------------
+
+    def pwrite_sync(self, host_offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write all of `data` at `host_offset` (cold path, or under a lock)."""
+        if self.alignment == 1:
+            _pwrite_full(self.fd, host_offset, data)
+        else:
+            self._pwrite_aligned(host_offset, data)
+
+    async def pwrite(self, host_offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write on behalf of a request; like `pread`, O_DIRECT goes to a thread.
+
+        An O_DIRECT write that does not cover whole alignment blocks must
+        read, patch and write the blocks at its edges; two such writes to one
+        block would lose one another's bytes, so they take that block's lock.
+        """
+        if self.alignment == 1:
+            _pwrite_full(self.fd, host_offset, data)
+            return
+        mask = self.alignment - 1
+        end = host_offset + len(data)
+        edges = sorted({host_offset & ~mask, (end - 1) & ~mask}
+                       if (host_offset | end) & mask else set())
+        async with _BlockLocks(self._edge_locks, edges):
+            await trio.to_thread.run_sync(self._pwrite_aligned, host_offset, data)
+
+    def _pwrite_aligned(self, host_offset: int, data: bytes | bytearray | memoryview) -> None:
+        alignment = self.alignment
+        mask = alignment - 1
+        start = host_offset & ~mask
+        data_end = host_offset + len(data)
+        end = (data_end + mask) & ~mask
+        old_size = self.size()
+        buf = mmap.mmap(-1, end - start)  # page-aligned, as O_DIRECT needs
+        try:
+            if start != host_offset:
+                head = self._pread_aligned(start, alignment)
+                buf[:len(head)] = head
+            tail_at = end - alignment
+            if end != data_end and not (tail_at == start and start != host_offset):
+                tail = self._pread_aligned(tail_at, alignment)
+                buf[tail_at - start:tail_at - start + len(tail)] = tail
+            buf[host_offset - start:data_end - start] = bytes(data)
+            view = memoryview(buf)
+            done = 0
+            while done < end - start:
+                done += os.pwritev(self.fd, [view[done:]], start + done)
+            view.release()
+        finally:
+            buf.close()
+        if end > data_end and end > old_size:
+            # The aligned write ran past the data at the end of the file.
+            os.ftruncate(self.fd, max(old_size, data_end))
+
+    def datasync(self) -> None:
+        os.fdatasync(self.fd)
+
+    async def datasync_async(self) -> None:
+        await trio.to_thread.run_sync(os.fdatasync, self.fd)
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _pwrite_full(fd: int, offset: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+class _BlockLocks:
+    """Hold the trio locks of some alignment blocks, in ascending order."""
+
+    def __init__(self, table: dict[int, trio.Lock], blocks: list[int]) -> None:
+        self._table = table
+        self._blocks = blocks
+        self._held: list[int] = []
+
+    async def __aenter__(self) -> None:
+        for block in self._blocks:
+            lock = self._table.setdefault(block, trio.Lock())
+            await lock.acquire()
+            self._held.append(block)
+
+    async def __aexit__(self, *exc: object) -> None:
+        for block in reversed(self._held):
+            lock = self._table[block]
+            lock.release()
+            if not lock.statistics().tasks_waiting:
+                del self._table[block]
 
 
 def _pread_full(fd: int, offset: int, length: int) -> bytes:

@@ -1,52 +1,60 @@
-"""An LRU cache of one-cluster metadata tables (L2 tables; later refcount blocks).
+"""An LRU cache of one-cluster metadata tables: L2 tables and refcount blocks.
 
 Concurrency: the cache is only touched from the trio event loop.  A lookup
 that hits runs without an `await`, so it is atomic.  A miss awaits the host
 read; a second request for the same table meanwhile waits for that read
-instead of issuing its own (`_Load`).  A table handed out stays valid for
-its holder even if it is evicted afterwards: eviction drops the cache's
-reference, never the holder's.
+instead of issuing its own (`_Load`).
+
+Two kinds of table are never evicted: a *pinned* one (a writer is changing
+it across awaits, so a second copy must never be loaded beside it) and a
+*dirty* one (its changes have not reached the file; the owner writes dirty
+tables back in dependency order and then calls `mark_clean`).  While every
+table is pinned or dirty the cache may hold more than `capacity`; the owner
+keeps that short by writing back when `needs_writeback()` says so.
 """
 
 from __future__ import annotations
 
-from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Generic, TypeVar
 
 import trio
 
+T = TypeVar("T")
 
-class _Load:
+
+class _Load(Generic[T]):
     """One in-flight table read that several requests may wait for."""
 
     __slots__ = ("done", "table", "error")
 
     def __init__(self) -> None:
         self.done = trio.Event()
-        self.table: array | None = None
+        self.table: T | None = None
         self.error: BaseException | None = None
 
 
-class TableCache:
-    """Tables keyed by host offset, at most `capacity` of them.
+class TableCache(Generic[T]):
+    """Tables keyed by host offset, about `capacity` of them.
 
     `load(host_offset)` reads and decodes one table; it may raise, and the
     error reaches every request waiting on that table.
     """
 
-    def __init__(self, capacity: int,
-                 load: Callable[[int], Coroutine[Any, Any, array]]) -> None:
+    def __init__(self, capacity: int, load: Callable[[int], Awaitable[T]]) -> None:
         self.capacity = max(1, capacity)
         self._load = load
-        self._tables: OrderedDict[int, array] = OrderedDict()
-        self._loading: dict[int, _Load] = {}
+        self._tables: OrderedDict[int, T] = OrderedDict()
+        self._loading: dict[int, _Load[T]] = {}
+        self._pins: dict[int, int] = {}
+        self._dirty: set[int] = set()
         self.hits = 0
         self.misses = 0
         self.evictions = 0
 
-    async def get(self, host_offset: int) -> array:
+    async def get(self, host_offset: int) -> T:
         table = self._tables.get(host_offset)
         if table is not None:
             self.hits += 1
@@ -76,16 +84,74 @@ class TableCache:
             del self._loading[host_offset]
             pending.done.set()
 
-    def _insert(self, host_offset: int, table: array) -> None:
+    @asynccontextmanager
+    async def pinned(self, host_offset: int) -> AsyncIterator[T]:
+        """The table at `host_offset`, kept in the cache until the block ends."""
+        table = await self.get(host_offset)
+        # Between the load and here nothing awaited, so `table` is the cached
+        # object; pinning it now keeps it the only copy.
+        self._pins[host_offset] = self._pins.get(host_offset, 0) + 1
+        try:
+            yield table
+        finally:
+            left = self._pins[host_offset] - 1
+            if left:
+                self._pins[host_offset] = left
+            else:
+                del self._pins[host_offset]
+                self._evict_over_capacity()
+
+    def add_new(self, host_offset: int, table: T) -> None:
+        """Put a table that exists only in memory so far (dirty)."""
         self._tables[host_offset] = table
-        while len(self._tables) > self.capacity:
-            self._tables.popitem(last=False)
+        self._dirty.add(host_offset)
+        self._evict_over_capacity()
+
+    def mark_dirty(self, host_offset: int) -> None:
+        assert host_offset in self._tables
+        self._dirty.add(host_offset)
+
+    def mark_clean(self, host_offset: int) -> None:
+        self._dirty.discard(host_offset)
+
+    def dirty_tables(self) -> list[tuple[int, T]]:
+        """Dirty tables in host-offset order (sequential write-back)."""
+        return [(offset, self._tables[offset]) for offset in sorted(self._dirty)]
+
+    @property
+    def dirty_count(self) -> int:
+        return len(self._dirty)
+
+    def needs_writeback(self) -> bool:
+        return len(self._dirty) > self.capacity // 2
+
+    def forget(self, host_offset: int) -> None:
+        """Drop a table whose cluster was freed (it must not be written back)."""
+        self._tables.pop(host_offset, None)
+        self._dirty.discard(host_offset)
+
+    def _insert(self, host_offset: int, table: T) -> None:
+        self._tables[host_offset] = table
+        self._evict_over_capacity()
+
+    def _evict_over_capacity(self) -> None:
+        excess = len(self._tables) - self.capacity
+        if excess <= 0:
+            return
+        for offset in list(self._tables):
+            if excess <= 0:
+                break
+            if offset in self._dirty or offset in self._pins:
+                continue
+            del self._tables[offset]
             self.evictions += 1
+            excess -= 1
 
     def statistics(self) -> dict[str, int]:
         return {
             "capacity": self.capacity,
             "cached": len(self._tables),
+            "dirty": len(self._dirty),
             "hits": self.hits,
             "misses": self.misses,
             "evictions": self.evictions,

@@ -1,0 +1,280 @@
+"""Refcounts: the refcount table, its blocks, and cluster allocation.
+
+QEMU's rule, which every method here keeps: a refcount on disk may be too
+high, never too low.  So a new refcount block reaches the file before the
+table entry that points to it, a new refcount table before the header that
+points to it, and callers write a cluster's raised refcount back before
+anything that references the cluster (see `Writer.write_back`).
+
+Concurrency: every method must be called with the image's metadata lock
+held (`Writer.metadata_lock`): allocation reads and changes many blocks
+across awaits.
+"""
+
+from __future__ import annotations
+
+import struct
+from array import array
+from collections.abc import Awaitable, Callable
+
+from qfuse.engine.hostfile import HostFile
+from qfuse.engine.overlap import MetadataMap
+from qfuse.engine.tablecache import TableCache
+from qfuse.errors import MetadataCorruption
+from qfuse.format.entries import REFT_OFFSET_MASK, decode_table, encode_table
+from qfuse.format.refcount import RefcountCodec
+
+REFTABLE_HEADER_FIELDS = 48  # refcount_table_offset (u64) + refcount_table_clusters (u32)
+
+
+class Refcounts:
+    """The refcount structures of one image file."""
+
+    def __init__(self, file: HostFile, *, cluster_bits: int, refcount_order: int,
+                 reftable_offset: int, reftable_clusters: int, cache_tables: int,
+                 barrier: Callable[[], Awaitable[None]], metadata: MetadataMap) -> None:
+        self.file = file
+        self.cluster_bits = cluster_bits
+        self.cluster_size = 1 << cluster_bits
+        self.codec = RefcountCodec(refcount_order)
+        self.block_entries = self.codec.entries_per_block(self.cluster_size)
+        self.reftable_offset = reftable_offset
+        self.reftable_clusters = reftable_clusters
+        raw = file.pread_sync(reftable_offset, reftable_clusters * self.cluster_size)
+        self.reftable: array = decode_table(raw.ljust(reftable_clusters * self.cluster_size, b"\0"))
+        self.blocks: TableCache[bytearray] = TableCache(cache_tables, self._load_block)
+        self._barrier = barrier
+        self._metadata = metadata  # the overlap check learns of new blocks here
+        self.free_hint = 0  # no cluster below this index is free
+
+    # -- blocks ----------------------------------------------------------------
+
+    async def _load_block(self, host_offset: int) -> bytearray:
+        data = await self.file.pread(host_offset, self.cluster_size)
+        if len(data) < self.cluster_size:
+            raise MetadataCorruption(self.file.path, f"refcount block at 0x{host_offset:x}",
+                                     "lies past the end of the file")
+        return bytearray(data)
+
+    def block_offset(self, table_index: int) -> int:
+        if table_index >= len(self.reftable):
+            return 0
+        offset = self.reftable[table_index] & REFT_OFFSET_MASK
+        if offset & (self.cluster_size - 1):
+            raise MetadataCorruption(self.file.path, f"refcount table entry {table_index}",
+                                     f"block offset 0x{offset:x} is not cluster-aligned")
+        return offset
+
+    def block_offsets(self) -> list[int]:
+        return [self.reftable[i] & REFT_OFFSET_MASK for i in range(len(self.reftable))
+                if self.reftable[i] & REFT_OFFSET_MASK]
+
+    async def get(self, cluster_index: int) -> int:
+        table_index, index = divmod(cluster_index, self.block_entries)
+        offset = self.block_offset(table_index)
+        if not offset:
+            return 0
+        return self.codec.get(await self.blocks.get(offset), index)
+
+    async def _set_in_existing_block(self, cluster_index: int, value: int) -> bool:
+        """Set a refcount whose block exists; False if it does not."""
+        table_index, index = divmod(cluster_index, self.block_entries)
+        offset = self.block_offset(table_index)
+        if not offset:
+            return False
+        block = await self.blocks.get(offset)
+        self.codec.set(block, index, value)
+        self.blocks.mark_dirty(offset)
+        if value == 0 and cluster_index < self.free_hint:
+            self.free_hint = cluster_index
+        return True
+
+    # -- changing refcounts ------------------------------------------------------
+
+    async def change(self, host_offset: int, length: int, delta: int) -> list[int]:
+        """Add `delta` to the refcount of every cluster in the host range.
+
+        Returns the host offsets of clusters that became free.  A refcount
+        that would drop below 0 or overflow means the image is corrupt.
+        """
+        freed = []
+        first = host_offset >> self.cluster_bits
+        last = (host_offset + length - 1) >> self.cluster_bits
+        for cluster_index in range(first, last + 1):
+            old = await self.get(cluster_index)
+            new = old + delta
+            if not 0 <= new <= self.codec.max_value:
+                raise MetadataCorruption(
+                    self.file.path, f"refcount of cluster 0x{cluster_index << self.cluster_bits:x}",
+                    f"{old} cannot change by {delta}")
+            if not await self._set_in_existing_block(cluster_index, new):
+                await self._ensure_block(cluster_index)
+                await self._set_in_existing_block(cluster_index, new)
+            if new == 0:
+                freed.append(cluster_index << self.cluster_bits)
+        return freed
+
+    # -- allocation ----------------------------------------------------------------
+
+    async def allocate(self, count: int) -> int:
+        """Host offset of `count` contiguous new clusters, refcount 1 each."""
+        while True:
+            start = await self._find_free(count)
+            created = False
+            first_table = start // self.block_entries
+            last_table = (start + count - 1) // self.block_entries
+            for table_index in range(first_table, last_table + 1):
+                if not self.block_offset(table_index):
+                    await self._create_block(table_index)
+                    created = True
+            if created:
+                continue  # the new block may sit where we meant to allocate
+            for cluster_index in range(start, start + count):
+                await self._set_in_existing_block(cluster_index, 1)
+            if start == self.free_hint:
+                self.free_hint = start + count
+            return start << self.cluster_bits
+
+    async def _find_free(self, count: int) -> int:
+        """First index of `count` clusters with refcount 0, from the hint on."""
+        entries = self.block_entries
+        run_start = run_len = 0
+        index = self.free_hint
+        while True:
+            table_index, in_block = divmod(index, entries)
+            offset = self.block_offset(table_index)
+            if not offset:
+                if not run_len:
+                    run_start = index
+                run_len += entries - in_block
+                index += entries - in_block
+                if run_len >= count:
+                    return run_start
+                continue
+            block = await self.blocks.get(offset)
+            if run_len:
+                need = count - run_len
+                zeros = 0
+                while zeros < need and in_block + zeros < entries \
+                        and self.codec.get(block, in_block + zeros) == 0:
+                    zeros += 1
+                if zeros >= need:
+                    return run_start
+                if in_block + zeros == entries:
+                    run_len += zeros
+                    index += zeros
+                    continue
+                run_len = 0
+                index += zeros + 1
+                continue
+            found = self.codec.find_zero_run(block, in_block, count)
+            if found < 0:
+                index = (table_index + 1) * entries
+                continue
+            run_start = table_index * entries + found
+            if entries - found >= count:
+                return run_start
+            run_len = entries - found
+            index = (table_index + 1) * entries
+
+    async def _ensure_block(self, cluster_index: int) -> None:
+        table_index = cluster_index // self.block_entries
+        while not self.block_offset(table_index):
+            await self._create_block(table_index)
+
+    async def _create_block(self, table_index: int) -> None:
+        """Allocate and publish the refcount block for `table_index`."""
+        if table_index >= len(self.reftable):
+            await self._grow_table(table_index)
+            if self.block_offset(table_index):
+                return
+        while True:
+            where = await self._find_free(1)
+            if where // self.block_entries == table_index:
+                # The block covers its own cluster: it counts itself.
+                block = bytearray(self.cluster_size)
+                self.codec.set(block, where % self.block_entries, 1)
+                break
+            if self.block_offset(where // self.block_entries):
+                block = bytearray(self.cluster_size)
+                await self._set_in_existing_block(where, 1)
+                await self.write_back()  # its refcount before anything points at it
+                break
+            # The free cluster lies where no block exists yet either: make
+            # that block first (it will count itself), then look again.
+            await self._create_block(where // self.block_entries)
+        block_offset = where << self.cluster_bits
+        await self.file.pwrite(block_offset, block)
+        await self._barrier()
+        self.reftable[table_index] = block_offset
+        await self.file.pwrite(self.reftable_offset + table_index * 8,
+                               struct.pack(">Q", block_offset))
+        self.blocks.add_new(block_offset, block)
+        self.blocks.mark_clean(block_offset)
+        self._metadata.add(block_offset, self.cluster_size, "refcount block")
+        if where == self.free_hint:
+            self.free_hint = where + 1
+
+    async def _grow_table(self, needed_index: int) -> None:
+        """Move the refcount table to a larger one covering `needed_index`.
+
+        The new blocks and table go to the first clusters no block covers
+        yet; those are free by definition.  Order: new blocks and table,
+        barrier, header, barrier; only then is the old table released.
+        """
+        entries = self.block_entries
+        first_new = len(self.reftable) * entries  # first uncovered cluster
+        new_blocks = 1
+        while True:
+            wanted = max(needed_index + 1, len(self.reftable) * 3 // 2,
+                         first_new // entries + new_blocks)
+            table_clusters = -(-wanted * 8 // self.cluster_size)
+            covered = new_blocks * entries
+            if covered >= new_blocks + table_clusters:
+                break
+            new_blocks += 1
+        total_entries = table_clusters * self.cluster_size // 8
+        new_table = array("Q", self.reftable) + array("Q", bytes(8 * (total_entries - len(self.reftable))))
+        first_table_index = first_new // entries
+        blocks = []
+        for j in range(new_blocks):
+            blocks.append(bytearray(self.cluster_size))
+            new_table[first_table_index + j] = (first_new + j) << self.cluster_bits
+        for k in range(new_blocks + table_clusters):
+            j, index = divmod(k, entries)
+            self.codec.set(blocks[j], index, 1)
+        table_offset = (first_new + new_blocks) << self.cluster_bits
+        for j, block in enumerate(blocks):
+            await self.file.pwrite((first_new + j) << self.cluster_bits, block)
+        await self.file.pwrite(table_offset, encode_table(new_table))
+        await self._barrier()
+        await self.file.pwrite(REFTABLE_HEADER_FIELDS,
+                               struct.pack(">QI", table_offset, table_clusters))
+        await self._barrier()
+        old_offset, old_clusters = self.reftable_offset, self.reftable_clusters
+        self.reftable = new_table
+        self.reftable_offset, self.reftable_clusters = table_offset, table_clusters
+        for j, block in enumerate(blocks):
+            offset = (first_new + j) << self.cluster_bits
+            self.blocks.add_new(offset, block)
+            self.blocks.mark_clean(offset)
+            self._metadata.add(offset, self.cluster_size, "refcount block")
+        self._metadata.add(table_offset, table_clusters * self.cluster_size, "refcount table")
+        self._metadata.remove(old_offset, old_clusters * self.cluster_size)
+        await self.change(old_offset, old_clusters * self.cluster_size, -1)
+
+    # -- write-back --------------------------------------------------------------
+
+    async def write_back(self) -> bool:
+        """Write every dirty block; True if there were any."""
+        dirty = self.blocks.dirty_tables()
+        for offset, block in dirty:
+            # Clean before the await: a change made while the write is under
+            # way marks the block dirty again and is written next time.
+            self.blocks.mark_clean(offset)
+            try:
+                await self.file.pwrite(offset, bytes(block))
+            except BaseException:
+                self.blocks.mark_dirty(offset)
+                raise
+        return bool(dirty)

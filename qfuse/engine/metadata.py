@@ -50,6 +50,7 @@ class Metadata:
     file_size: int
     backing_name: str | None = None
     snapshots: list[snapfmt.Snapshot] = field(default_factory=list)
+    snapshot_table_size: int = 0
 
     def incompatible_feature_name(self, bit: int) -> str:
         name = self.extensions.feature_name(FEATURE_TYPE_INCOMPATIBLE, bit)
@@ -214,6 +215,7 @@ def _read_snapshot_table(file: HostFile, meta: Metadata) -> list[snapfmt.Snapsho
                  snap.l1_size, disk_size)
         result.append(snap)
         pos += (size + 7) & ~7
+    meta.snapshot_table_size = pos - header.snapshots_offset
     return result
 
 

@@ -16,6 +16,7 @@ lock, because reads change no shared state but caches (see docs/concurrency.md).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from array import array
@@ -25,7 +26,9 @@ from dataclasses import dataclass
 from qfuse.engine import metadata as meta_mod
 from qfuse.engine.compression import DecompressionError, decompress_cluster
 from qfuse.engine.hostfile import CacheMode, HostFile
+from qfuse.engine.locking import ImageLock
 from qfuse.engine.tablecache import TableCache
+from qfuse.engine.writer import Writer
 from qfuse.errors import FormatError, ImageError, MetadataCorruption
 from qfuse.format.entries import (
     L1E_OFFSET_MASK,
@@ -81,12 +84,15 @@ class Qcow2Image:
                  l2_cache_size: int | None = None) -> None:
         self.path = path
         self.cache = cache
-        # The write path is not built yet: the file is opened read-only
-        # whatever was asked, and writes are refused with EROFS.
-        self.file = HostFile(path, writable=False, cache=cache)
+        writable = not read_only and snapshot is None
+        self.file = HostFile(path, writable=writable, cache=cache)
         self.data_file: HostFile | None = None
         self.backing: Qcow2Image | object | None = None
+        self.writer: Writer | None = None
+        self._locks: list[ImageLock] = []
         try:
+            # QEMU takes its locks right after opening, before reading.
+            self._locks.append(ImageLock.acquire(self.file.fd, path, write=writable))
             self._open(read_only, snapshot, l2_cache_size)
         except FormatError as exc:
             self.close()
@@ -135,11 +141,14 @@ class Qcow2Image:
         if header.has_data_file:
             assert meta.extensions.data_file is not None
             data_path = resolve_relative(self.path, meta.extensions.data_file)
+            data_writable = not self.read_only
             try:
-                self.data_file = HostFile(data_path, writable=False, cache=self.cache)
+                self.data_file = HostFile(data_path, writable=data_writable, cache=self.cache)
+                self._locks.append(ImageLock.acquire(self.data_file.fd, data_path,
+                                                     write=data_writable, data_file=True))
             except ImageError as exc:
                 raise ImageError(self.path, f"external data file {exc}") from None
-        self._data_host = self.data_file if self.data_file is not None else self.file
+        self.data_host = self.data_file if self.data_file is not None else self.file
         table_bytes = self.cluster_size
         wanted = l2_cache_size if l2_cache_size is not None else DEFAULT_L2_CACHE_MAX
         tables_for_whole_image = max(1, -(-self.virtual_size // (self.cluster_size << self.l2_bits)))
@@ -151,9 +160,11 @@ class Qcow2Image:
         self.l2_cache = TableCache(tables, self._load_l2_table)
         self._decompressed: OrderedDict[int, bytes] = OrderedDict()
         self._decompressed_capacity = max(2, DECOMPRESSED_CACHE_BYTES // self.cluster_size)
-        self._guest_data_bytes = self._count_guest_data()
+        self.guest_data_bytes = self._count_guest_data()
         self.bytes_read = 0
         self.read_requests = 0
+        if not self.read_only:
+            self.writer = Writer(self)
 
     def _find_snapshot(self, wanted: str) -> int:
         """QEMU's rule: an ID matches first, then a name."""
@@ -197,15 +208,18 @@ class Qcow2Image:
         host_used = self.file.stat().st_blocks * 512
         if self.data_file is not None:
             host_used += self.data_file.stat().st_blocks * 512
-        return min(self._guest_data_bytes, host_used)
+        return min(self.guest_data_bytes, host_used)
 
     def statistics(self) -> dict[str, object]:
-        return {
+        stats: dict[str, object] = {
             "l2_cache": self.l2_cache.statistics(),
             "read_requests": self.read_requests,
             "bytes_read": self.bytes_read,
             "cache_mode": self.cache.value,
         }
+        if self.writer is not None:
+            stats.update(self.writer.statistics())
+        return stats
 
     # -- tables ------------------------------------------------------------
 
@@ -261,7 +275,7 @@ class Qcow2Image:
 
     # -- translation ---------------------------------------------------------
 
-    def _corrupt_entry(self, l2_offset: int, index: int, reason: str) -> MetadataCorruption:
+    def corrupt_entry(self, l2_offset: int, index: int, reason: str) -> MetadataCorruption:
         return MetadataCorruption(
             self.path, f"L2 table at host offset 0x{l2_offset:x}, entry {index}", reason
         )
@@ -296,13 +310,13 @@ class Qcow2Image:
             n = min((pos | cluster_mask) + 1, end) - pos
             if entry & OFLAG_COMPRESSED:
                 if external:
-                    raise self._corrupt_entry(l2_offset, index, "compressed cluster in an "
+                    raise self.corrupt_entry(l2_offset, index, "compressed cluster in an "
                                               "image with an external data file")
                 runs.append([COMPRESSED, pos, n, entry])
             else:
                 host = entry & L2E_OFFSET_MASK
                 if host & cluster_mask:
-                    raise self._corrupt_entry(l2_offset, index,
+                    raise self.corrupt_entry(l2_offset, index,
                                               f"host offset 0x{host:x} is not cluster-aligned")
                 if entry & OFLAG_ZERO:
                     _append(runs, ZERO, pos, n, 0)
@@ -325,7 +339,7 @@ class Qcow2Image:
             cluster_end = min((pos | cluster_mask) + 1, end)
             if entry & OFLAG_COMPRESSED:
                 if external:
-                    raise self._corrupt_entry(l2_offset, index, "compressed cluster in an "
+                    raise self.corrupt_entry(l2_offset, index, "compressed cluster in an "
                                               "image with an external data file")
                 runs.append([COMPRESSED, pos, cluster_end - pos, entry])
                 pos = cluster_end
@@ -335,13 +349,13 @@ class Qcow2Image:
             alloc = bitmap & SUBCLUSTER_ALLOC_MASK
             zero = bitmap >> SUBCLUSTERS_PER_CLUSTER
             if alloc & zero:
-                raise self._corrupt_entry(l2_offset, index,
+                raise self.corrupt_entry(l2_offset, index,
                                           "a subcluster is both allocated and zero")
             if host & cluster_mask:
-                raise self._corrupt_entry(l2_offset, index,
+                raise self.corrupt_entry(l2_offset, index,
                                           f"host offset 0x{host:x} is not cluster-aligned")
             if alloc and not (host or (external and entry & OFLAG_COPIED)):
-                raise self._corrupt_entry(l2_offset, index,
+                raise self.corrupt_entry(l2_offset, index,
                                           "allocated subclusters without a host cluster")
             while pos < cluster_end:
                 sc_end = min(((pos >> sc_bits) + 1) << sc_bits, cluster_end)
@@ -364,6 +378,10 @@ class Qcow2Image:
         length = min(length, self.virtual_size - guest_offset)
         self.read_requests += 1
         self.bytes_read += length
+        return await self.read_guest(guest_offset, length)
+
+    async def read_guest(self, guest_offset: int, length: int) -> bytes:
+        """`read` for a range inside the disk, without counting it."""
         runs = await self._map(guest_offset, length)
         if len(runs) == 1:
             return await self._read_run(*runs[0])
@@ -371,7 +389,7 @@ class Qcow2Image:
 
     async def _read_run(self, kind: int, guest_offset: int, length: int, where: int) -> bytes:
         if kind == DATA:
-            data = await self._data_host.pread(where, length)
+            data = await self.data_host.pread(where, length)
         elif kind == ZERO:
             return bytes(length)
         elif kind == BACKING:
@@ -410,11 +428,23 @@ class Qcow2Image:
             self._decompressed.popitem(last=False)
         return cluster
 
+    # -- writing ------------------------------------------------------------
+
     async def write(self, guest_offset: int, data: bytes) -> int:
-        raise OSError(30, "the write path is not built yet")  # EROFS
+        """Write guest bytes; the caller keeps them inside the virtual size."""
+        if self.writer is None or self.read_only:
+            raise OSError(errno.EROFS, "the image is open read-only")
+        return await self.writer.write(guest_offset, data)
 
     async def flush(self) -> None:
-        """Nothing is buffered on the read path."""
+        """fsync of the view: durable as the cache mode promises."""
+        if self.writer is not None:
+            await self.writer.flush()
+
+    async def shutdown(self) -> None:
+        """Before close at unmount: all data and metadata reach the image."""
+        if self.writer is not None:
+            await self.writer.shutdown()
 
     def close(self) -> None:
         if self.backing is not None:
@@ -423,6 +453,9 @@ class Qcow2Image:
         if self.data_file is not None:
             self.data_file.close()
             self.data_file = None
+        for lock in self._locks:
+            lock.release()
+        self._locks = []
         self.file.close()
 
 

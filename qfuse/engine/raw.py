@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from qfuse.engine.hostfile import CacheMode, HostFile
+from qfuse.engine.locking import ImageLock
 
 
 class RawImage:
@@ -13,6 +14,11 @@ class RawImage:
     def __init__(self, path: str, cache: CacheMode) -> None:
         self.path = path
         self.file = HostFile(path, writable=False, cache=cache)
+        try:
+            self._lock = ImageLock.acquire(self.file.fd, path, write=False)
+        except BaseException:
+            self.file.close()
+            raise
         self.virtual_size = self.file.size()
         self.backing = None
 
@@ -23,4 +29,5 @@ class RawImage:
         return await self.file.pread(guest_offset, min(length, self.virtual_size - guest_offset))
 
     def close(self) -> None:
+        self._lock.release()
         self.file.close()

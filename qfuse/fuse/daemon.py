@@ -150,7 +150,7 @@ class _Images:
             if image.read_only:
                 continue
             try:
-                await image.flush()
+                await getattr(image, "shutdown", image.flush)()
             except Exception as err:
                 log.error("%s: flushing the image failed: %s", image.path, err)
                 ok = False

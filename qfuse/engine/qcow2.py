@@ -81,18 +81,29 @@ class Qcow2Image:
 
     def __init__(self, path: str, *, cache: CacheMode = CacheMode.WRITEBACK,
                  read_only: bool = True, snapshot: str | None = None,
-                 l2_cache_size: int | None = None) -> None:
+                 l2_cache_size: int | None = None,
+                 parent: Qcow2Image | None = None) -> None:
         self.path = path
         self.cache = cache
-        writable = not read_only and snapshot is None
-        self.file = HostFile(path, writable=writable, cache=cache)
-        self.data_file: HostFile | None = None
         self.backing: Qcow2Image | object | None = None
         self.writer: Writer | None = None
         self._locks: list[ImageLock] = []
+        # A snapshot view of an open image shares its files (and so its
+        # locks: a second descriptor would conflict with the first).
+        self._parent = parent
+        self.data_file: HostFile | None = None
+        if parent is not None:
+            self.file = parent.file
+            self.backing = parent.backing
+            self.data_file = parent.data_file
+            writable = False
+        else:
+            writable = not read_only and snapshot is None
+            self.file = HostFile(path, writable=writable, cache=cache)
         try:
-            # QEMU takes its locks right after opening, before reading.
-            self._locks.append(ImageLock.acquire(self.file.fd, path, write=writable))
+            if parent is None:
+                # QEMU takes its locks right after opening, before reading.
+                self._locks.append(ImageLock.acquire(self.file.fd, path, write=writable))
             self._open(read_only, snapshot, l2_cache_size)
         except FormatError as exc:
             self.close()
@@ -100,6 +111,11 @@ class Qcow2Image:
         except BaseException:
             self.close()
             raise
+
+    def snapshot_view(self, snapshot: str, l2_cache_size: int | None = None) -> Qcow2Image:
+        """A read-only view of one internal snapshot, sharing this image's files."""
+        return Qcow2Image(self.path, cache=self.cache, read_only=True, snapshot=snapshot,
+                          l2_cache_size=l2_cache_size, parent=self)
 
     def _open(self, read_only: bool, snapshot: str | None, l2_cache_size: int | None) -> None:
         meta = meta_mod.read_metadata(self.file)
@@ -138,7 +154,7 @@ class Qcow2Image:
             l1_offset, l1_size = entry.l1_table_offset, entry.l1_size
         self.l1 = meta_mod.read_l1(self.file, l1_offset, l1_size)
         self.l1_size = l1_size
-        if header.has_data_file:
+        if header.has_data_file and self._parent is None:
             assert meta.extensions.data_file is not None
             data_path = resolve_relative(self.path, meta.extensions.data_file)
             data_writable = not self.read_only
@@ -447,6 +463,8 @@ class Qcow2Image:
             await self.writer.shutdown()
 
     def close(self) -> None:
+        if self._parent is not None:
+            return  # the files are the parent's
         if self.backing is not None:
             self.backing.close()  # type: ignore[attr-defined]
             self.backing = None

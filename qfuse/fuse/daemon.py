@@ -183,9 +183,7 @@ def _open_images(spec: MountSpec) -> tuple[_Images, list[Node]]:
                             spec.image, snap.id, snap.name)  # fmt: skip
                 continue
             seen.add(snap.name)
-            image = open_image(
-                spec.image, cache=cache, read_only=True, snapshot=snap.name, l2_cache_size=l2
-            )
+            image = main.snapshot_view(snap.id, l2_cache_size=l2)
             images.items.append(image)
             name = os.fsencode(f"{spec.stem}@{snap.name}.raw")
             nodes.append(ImageFile(len(nodes) + 2, name, image, True, image.virtual_size))

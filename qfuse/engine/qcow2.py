@@ -27,6 +27,7 @@ from qfuse.engine import metadata as meta_mod
 from qfuse.engine.compression import DecompressionError, decompress_cluster
 from qfuse.engine.hostfile import CacheMode, HostFile
 from qfuse.engine.locking import ImageLock
+from qfuse.engine.refcheck import rebuild_refcounts
 from qfuse.engine.tablecache import TableCache
 from qfuse.engine.writer import Writer
 from qfuse.errors import FormatError, ImageError, MetadataCorruption
@@ -61,6 +62,7 @@ COMPRESSED = 3  # inside one compressed cluster
 DEFAULT_L2_CACHE_MAX = 32 * 1024 * 1024  # QEMU's default cap on Linux
 MIN_L2_TABLES = 2
 DECOMPRESSED_CACHE_BYTES = 8 * 1024 * 1024
+INCOMPATIBLE_FEATURES_FIELD = 72
 
 
 @dataclass(frozen=True)
@@ -176,11 +178,29 @@ class Qcow2Image:
         self.l2_cache = TableCache(tables, self._load_l2_table)
         self._decompressed: OrderedDict[int, bytes] = OrderedDict()
         self._decompressed_capacity = max(2, DECOMPRESSED_CACHE_BYTES // self.cluster_size)
+        if not self.read_only and self.dirty:
+            self._repair_dirty()
         self.guest_data_bytes = self._count_guest_data()
         self.bytes_read = 0
         self.read_requests = 0
         if not self.read_only:
             self.writer = Writer(self)
+
+    def _repair_dirty(self) -> None:
+        """A writable open of a dirty image: refcounts first (spec, bit 0)."""
+        log.warning("%s: image is dirty (not closed cleanly with lazy refcounts); "
+                    "rebuilding refcounts", self.path)
+
+        def barrier() -> None:
+            if self.cache.honours_flush and not self.cache.write_through:
+                self.file.datasync()
+
+        rebuild_refcounts(self.file, self.meta, barrier)
+        header = self.header
+        header.incompatible_features &= ~INCOMPAT_DIRTY
+        self.file.pwrite_sync(INCOMPATIBLE_FEATURES_FIELD,
+                              header.incompatible_features.to_bytes(8, "big"))
+        barrier()
 
     def _find_snapshot(self, wanted: str) -> int:
         """QEMU's rule: an ID matches first, then a name."""

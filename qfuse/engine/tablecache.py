@@ -84,6 +84,14 @@ class TableCache(Generic[T]):
             del self._loading[host_offset]
             pending.done.set()
 
+    def peek(self, host_offset: int) -> T | None:
+        """The table if it is cached (a hit), else None; never loads."""
+        table = self._tables.get(host_offset)
+        if table is not None:
+            self.hits += 1
+            self._tables.move_to_end(host_offset)
+        return table
+
     @asynccontextmanager
     async def pinned(self, host_offset: int) -> AsyncIterator[T]:
         """The table at `host_offset`, kept in the cache until the block ends."""

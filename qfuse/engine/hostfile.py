@@ -144,6 +144,11 @@ class HostFile:
         else:
             self._pwrite_aligned(host_offset, data)
 
+    def pwrite_now(self, host_offset: int, data: bytes | bytearray | memoryview) -> None:
+        """A page-cache write on the event loop (alignment 1 only)."""
+        assert self.alignment == 1
+        _pwrite_full(self.fd, host_offset, data)
+
     async def pwrite(self, host_offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write on behalf of a request; like `pread`, O_DIRECT goes to a thread.
 
@@ -188,6 +193,11 @@ class HostFile:
         if end > data_end and end > old_size:
             # The aligned write ran past the data at the end of the file.
             os.ftruncate(self.fd, max(old_size, data_end))
+
+    def extend_to(self, length: int) -> None:
+        """Make the file at least `length` bytes long (the new part reads as zeros)."""
+        if self.size() < length:
+            os.ftruncate(self.fd, length)
 
     def datasync(self) -> None:
         os.fdatasync(self.fd)

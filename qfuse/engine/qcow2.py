@@ -169,7 +169,8 @@ class Qcow2Image:
         self.data_host = self.data_file if self.data_file is not None else self.file
         table_bytes = self.cluster_size
         wanted = l2_cache_size if l2_cache_size is not None else DEFAULT_L2_CACHE_MAX
-        tables_for_whole_image = max(1, -(-self.virtual_size // (self.cluster_size << self.l2_bits)))
+        bytes_per_table = self.cluster_size << self.l2_bits
+        tables_for_whole_image = max(1, -(-self.virtual_size // bytes_per_table))
         tables = wanted // table_bytes
         if l2_cache_size is None:
             tables = min(tables, tables_for_whole_image)

@@ -30,7 +30,6 @@ from qfuse.format.entries import (
     CompressedLayout,
     decode_table,
     encode_table,
-    l2_entries_per_table,
 )
 from qfuse.format.refcount import RefcountCodec
 

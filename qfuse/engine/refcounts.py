@@ -234,7 +234,8 @@ class Refcounts:
                 break
             new_blocks += 1
         total_entries = table_clusters * self.cluster_size // 8
-        new_table = array("Q", self.reftable) + array("Q", bytes(8 * (total_entries - len(self.reftable))))
+        new_table = array("Q", self.reftable)
+        new_table.extend(array("Q", bytes(8 * (total_entries - len(self.reftable)))))
         first_table_index = first_new // entries
         blocks = []
         for j in range(new_blocks):

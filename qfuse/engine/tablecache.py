@@ -131,7 +131,8 @@ class TableCache(Generic[T]):
         return len(self._dirty)
 
     def needs_writeback(self) -> bool:
-        return len(self._dirty) > self.capacity // 2
+        """Dirty tables keep the cache over capacity: write them back."""
+        return len(self._tables) > self.capacity and bool(self._dirty)
 
     def forget(self, host_offset: int) -> None:
         """Drop a table whose cluster was freed (it must not be written back)."""

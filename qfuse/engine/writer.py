@@ -33,7 +33,7 @@ import trio
 
 from qfuse.engine.hostfile import CacheMode
 from qfuse.engine.overlap import MetadataMap
-from qfuse.engine.rangelock import RangeLocks
+from qfuse.engine.rangelock import Held, RangeLocks
 from qfuse.engine.refcounts import Refcounts
 from qfuse.errors import MetadataCorruption
 from qfuse.format.entries import (
@@ -151,7 +151,7 @@ class Writer:
 
     async def _prepare(self) -> None:
         """Before the first write: header bits the spec wants changed first."""
-        async with self.metadata_lock:
+        async with Held(self.metadata_lock):
             if self._prepared:
                 return
             header = self.header
@@ -203,6 +203,10 @@ class Writer:
         self._check_writable()
         if not self._prepared:
             await self._prepare()
+        if self._write_in_place_now(guest_offset, data):
+            self.write_requests += 1
+            self.bytes_written += len(data)
+            return len(data)
         image = self.image
         mask = self.cluster_size - 1
         end = guest_offset + len(data)
@@ -219,10 +223,52 @@ class Writer:
         self.write_requests += 1
         self.bytes_written += len(data)
         if self.cache.write_through:
-            await self.write_back()
+            if image.l2_cache.dirty_count or self.refcounts.blocks.dirty_count \
+                    or self.pending_frees:
+                await self.write_back()
         elif image.l2_cache.needs_writeback() or self.refcounts.blocks.needs_writeback():
             await self.write_back()
         return len(data)
+
+    def _write_in_place_now(self, guest_offset: int, data: bytes) -> bool:
+        """The common overwrite, without one `await`: inside one cluster this
+        image owns (COPIED, not zero, not compressed), its L2 table cached,
+        no other write on that cluster, a page-cache host file.  False when
+        any of that does not hold, and nothing was done."""
+        image = self.image
+        cluster_bits = self.cluster_bits
+        end = guest_offset + len(data)
+        if not data or (guest_offset ^ (end - 1)) >> cluster_bits or self.external:
+            return False
+        l1_index = guest_offset >> (cluster_bits + image.l2_bits)
+        l1_entry = image.l1[l1_index]
+        if not l1_entry & OFLAG_COPIED:
+            return False
+        table = image.l2_cache.peek(l1_entry & L1E_OFFSET_MASK)
+        if table is None:
+            return False
+        index = (guest_offset >> cluster_bits) & (image.l2_entries - 1)
+        if image.extended_l2:
+            if table[2 * index + 1] != ALL_SUBCLUSTERS:
+                return False
+            entry = table[2 * index]
+        else:
+            entry = table[index]
+        cluster_mask = self.cluster_size - 1
+        host = entry & L2E_OFFSET_MASK
+        if entry & (OFLAG_COMPRESSED | OFLAG_ZERO) or not entry & OFLAG_COPIED \
+                or not host or host & cluster_mask:
+            return False
+        if image.data_host.alignment != 1:
+            return False
+        cluster_start = guest_offset & ~cluster_mask
+        if not self.ranges.is_free(cluster_start, cluster_start + self.cluster_size):
+            return False
+        target = host + (guest_offset & cluster_mask)
+        if self.metadata.hit(target, len(data)) is not None:
+            return False  # the general path reports it
+        image.data_host.pwrite_now(target, data)
+        return True
 
     async def _write_span(self, l1_index: int, pos: int, data: memoryview) -> None:
         """Write guest bytes that all lie under one L2 table."""
@@ -356,7 +402,7 @@ class Writer:
             new_bitmap = None
         await self._check_overlap(host + (lo - cluster_start), len(content))
         await image.data_host.pwrite(host + (lo - cluster_start), content)
-        async with self.metadata_lock:
+        async with Held(self.metadata_lock):
             if new_bitmap is None:
                 old = table[index]
                 table[index] = new_entry
@@ -386,25 +432,29 @@ class Writer:
                                                cluster.write_start, cluster.write_end,
                                                cluster.data)
             return
-        async with self.metadata_lock:
+        async with Held(self.metadata_lock):
             base = await self.refcounts.allocate(count)
-        whole = all(c.write_start == c.cluster_start and c.write_end == c.cluster_start + cs
-                    for c in clusters)
         new_bitmaps: list[int | None] = []
-        if whole and not image.extended_l2:
-            # Every cluster is overwritten whole: nothing to copy.
-            content = b"".join(bytes(c.data) for c in clusters)
-            new_bitmaps = [None] * count
-        else:
-            parts = []
-            for cluster in clusters:
+        # (offset in the new clusters, bytes, known to be zeros) in order.
+        segments: list[tuple[int, bytes, bool]] = []
+        for j, cluster in enumerate(clusters):
+            if image.extended_l2:
                 body, bitmap = await self._new_cluster_content(table, cluster)
-                parts.append(body)
+                segments.append((j * cs, body, False))
                 new_bitmaps.append(bitmap)
-            content = b"".join(parts)
-        await self._check_overlap(base, len(content))
-        await image.data_host.pwrite(base, content)
-        async with self.metadata_lock:
+                continue
+            new_bitmaps.append(None)
+            at = j * cs
+            head = await self._guest_view(cluster.cluster_start, cluster.write_start)
+            tail = await self._guest_view(cluster.write_end, cluster.cluster_start + cs)
+            if head:
+                segments.append((at, head, head == bytes(len(head))))
+            segments.append((at + len(head), bytes(cluster.data), False))
+            if tail:
+                segments.append((at + cs - len(tail), tail, tail == bytes(len(tail))))
+        await self._check_overlap(base, count * cs)
+        await self._write_fresh(base, count * cs, segments)
+        async with Held(self.metadata_lock):
             for j, cluster in enumerate(clusters):
                 host = base + j * cs
                 if image.extended_l2:
@@ -425,6 +475,29 @@ class Writer:
                         image.guest_data_bytes += cs
                 self._release_old(old)
             image.l2_cache.mark_dirty(l2_offset)
+
+    async def _write_fresh(self, host_offset: int, length: int,
+                           segments: list[tuple[int, bytes, bool]]) -> None:
+        """Write new clusters as one write.  Past the end of the file they
+        read as zeros already, so zero copy-on-write parts are not written
+        there: the file is only extended over them."""
+        host = self.image.data_host
+        if host_offset < host.size():
+            await host.pwrite(host_offset, b"".join(data for _, data, _ in segments))
+            return
+        run_start, run = 0, []
+        for offset, data, zeros in segments:
+            if zeros:
+                if run:
+                    await host.pwrite(host_offset + run_start, b"".join(run))
+                    run = []
+                continue
+            if not run:
+                run_start = offset
+            run.append(data)
+        if run:
+            await host.pwrite(host_offset + run_start, b"".join(run))
+        host.extend_to(host_offset + length)
 
     def _release_old(self, old_entry: int) -> None:
         """Queue the decrement for what an overwritten L2 entry referenced."""
@@ -482,7 +555,7 @@ class Writer:
         entry = image.l1[l1_index]
         if entry & OFLAG_COPIED and entry & L1E_OFFSET_MASK:
             return entry & L1E_OFFSET_MASK
-        async with self.metadata_lock:
+        async with Held(self.metadata_lock):
             entry = image.l1[l1_index]
             old = entry & L1E_OFFSET_MASK
             if entry & OFLAG_COPIED and old:
@@ -518,7 +591,7 @@ class Writer:
 
     async def write_back(self) -> None:
         """Write dirty metadata back in dependency order."""
-        async with self.metadata_lock:
+        async with Held(self.metadata_lock):
             await self._write_back_locked()
 
     async def _write_back_locked(self) -> None:
@@ -562,7 +635,7 @@ class Writer:
 
     async def shutdown(self) -> None:
         """Unmount: everything reaches the image, which is left clean."""
-        async with self.metadata_lock:
+        async with Held(self.metadata_lock):
             await self._write_back_locked()
             if self._marked_dirty:
                 await self.barrier()

@@ -157,7 +157,8 @@ def peek_cluster_bits(buf: bytes) -> int:
         raise FormatError("file is too short to be a qcow2 image")
     if buf[:4] != MAGIC:
         raise FormatError("not a qcow2 image (bad magic)")
-    version, cluster_bits = struct.unpack_from(">I", buf, 4)[0], struct.unpack_from(">I", buf, 20)[0]
+    (version,) = struct.unpack_from(">I", buf, 4)
+    (cluster_bits,) = struct.unpack_from(">I", buf, 20)
     if version not in (2, 3):
         raise FormatError(f"unsupported qcow2 version {version}")
     return cluster_bits

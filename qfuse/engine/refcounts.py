@@ -32,7 +32,8 @@ class Refcounts:
 
     def __init__(self, file: HostFile, *, cluster_bits: int, refcount_order: int,
                  reftable_offset: int, reftable_clusters: int, cache_tables: int,
-                 barrier: Callable[[], Awaitable[None]], metadata: MetadataMap) -> None:
+                 barrier: Callable[[], Awaitable[None]], metadata: MetadataMap,
+                 overlap: Callable[[str, int], Awaitable[None]]) -> None:
         self.file = file
         self.cluster_bits = cluster_bits
         self.cluster_size = 1 << cluster_bits
@@ -45,6 +46,7 @@ class Refcounts:
         self.blocks: TableCache[bytearray] = TableCache(cache_tables, self._load_block)
         self._barrier = barrier
         self._metadata = metadata  # the overlap check learns of new blocks here
+        self._overlap = overlap  # reports a new structure landing on metadata
         self.free_hint = 0  # no cluster below this index is free
 
     # -- blocks ----------------------------------------------------------------
@@ -204,6 +206,7 @@ class Refcounts:
             # that block first (it will count itself), then look again.
             await self._create_block(where // self.block_entries)
         block_offset = where << self.cluster_bits
+        await self._check_overlap(block_offset, self.cluster_size)
         await self.file.pwrite(block_offset, block)
         await self._barrier()
         self.reftable[table_index] = block_offset
@@ -245,6 +248,8 @@ class Refcounts:
             j, index = divmod(k, entries)
             self.codec.set(blocks[j], index, 1)
         table_offset = (first_new + new_blocks) << self.cluster_bits
+        await self._check_overlap(first_new << self.cluster_bits,
+                                  (new_blocks + table_clusters) << self.cluster_bits)
         for j, block in enumerate(blocks):
             await self.file.pwrite((first_new + j) << self.cluster_bits, block)
         await self.file.pwrite(table_offset, encode_table(new_table))
@@ -263,6 +268,11 @@ class Refcounts:
         self._metadata.add(table_offset, table_clusters * self.cluster_size, "refcount table")
         self._metadata.remove(old_offset, old_clusters * self.cluster_size)
         await self.change(old_offset, old_clusters * self.cluster_size, -1)
+
+    async def _check_overlap(self, host_offset: int, length: int) -> None:
+        hit = self._metadata.hit(host_offset, length)
+        if hit is not None:
+            await self._overlap(hit, host_offset)
 
     # -- write-back --------------------------------------------------------------
 

@@ -95,7 +95,7 @@ class Writer:
             reftable_offset=self.header.refcount_table_offset,
             reftable_clusters=self.header.refcount_table_clusters,
             cache_tables=max(4, image.l2_cache.capacity // 4),
-            barrier=self.barrier, metadata=self.metadata)
+            barrier=self.barrier, metadata=self.metadata, overlap=self._overlap)
         self._map_metadata()
         self.pending_frees: list[tuple[int, int]] = []
         self.lazy = bool(self.header.compatible_features & COMPAT_LAZY_REFCOUNTS) \

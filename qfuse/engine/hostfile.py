@@ -172,7 +172,6 @@ class HostFile:
         start = host_offset & ~mask
         data_end = host_offset + len(data)
         end = (data_end + mask) & ~mask
-        old_size = self.size()
         buf = mmap.mmap(-1, end - start)  # page-aligned, as O_DIRECT needs
         try:
             if start != host_offset:
@@ -190,14 +189,9 @@ class HostFile:
             view.release()
         finally:
             buf.close()
-        if end > data_end and end > old_size:
-            # The aligned write ran past the data at the end of the file.
-            os.ftruncate(self.fd, max(old_size, data_end))
-
-    def extend_to(self, length: int) -> None:
-        """Make the file at least `length` bytes long (the new part reads as zeros)."""
-        if self.size() < length:
-            os.ftruncate(self.fd, length)
+        # An unaligned write at the end of the file leaves it padded with
+        # zeros to the alignment.  Not cut back: a `ftruncate` here could
+        # race another thread's write past it.
 
     def datasync(self) -> None:
         os.fdatasync(self.fd)

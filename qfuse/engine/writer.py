@@ -453,7 +453,7 @@ class Writer:
             if tail:
                 segments.append((at + cs - len(tail), tail, tail == bytes(len(tail))))
         await self._check_overlap(base, count * cs)
-        await self._write_fresh(base, count * cs, segments)
+        await self._write_fresh(base, segments)
         async with Held(self.metadata_lock):
             for j, cluster in enumerate(clusters):
                 host = base + j * cs
@@ -476,11 +476,14 @@ class Writer:
                 self._release_old(old)
             image.l2_cache.mark_dirty(l2_offset)
 
-    async def _write_fresh(self, host_offset: int, length: int,
+    async def _write_fresh(self, host_offset: int,
                            segments: list[tuple[int, bytes, bool]]) -> None:
         """Write new clusters as one write.  Past the end of the file they
         read as zeros already, so zero copy-on-write parts are not written
-        there: the file is only extended over them."""
+        there.  The file is not extended over a zero tail: with O_DIRECT,
+        writes run in threads, and a `ftruncate` racing another request's
+        write past it could cut that write off; a file that ends inside its
+        last cluster reads the same (zeros past the end)."""
         host = self.image.data_host
         if host_offset < host.size():
             await host.pwrite(host_offset, b"".join(data for _, data, _ in segments))
@@ -497,7 +500,6 @@ class Writer:
             run.append(data)
         if run:
             await host.pwrite(host_offset + run_start, b"".join(run))
-        host.extend_to(host_offset + length)
 
     def _release_old(self, old_entry: int) -> None:
         """Queue the decrement for what an overwritten L2 entry referenced."""

@@ -12,6 +12,7 @@ Besides ``qfuse COMMAND ...`` this accepts the form mount.fuse3 uses,
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -24,7 +25,16 @@ from qfuse.errors import QfuseError, UsageError
 
 log = logging.getLogger(__name__)
 
-COMMANDS = ("mount", "umount", "info")
+# Commands beyond mount/umount/info, each a module `qfuse.cli.NAME` with
+# `register(commands)` (adds its subparser and sets `func`).
+_EXTRA_COMMANDS: tuple[str, ...] = (
+    # "create",
+    # "check",
+    # "snapshot",
+    # "convert",
+    # "stats",
+)
+COMMANDS = ("mount", "umount", "info", *_EXTRA_COMMANDS)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -91,6 +101,8 @@ def _build_parser() -> argparse.ArgumentParser:
     info.add_argument("--output", choices=("human", "json"), default="human")
     info.add_argument("--backing-chain", action="store_true", help="describe every backing file")
     info.set_defaults(func=_cmd_info)
+    for name in _EXTRA_COMMANDS:
+        importlib.import_module(f"qfuse.cli.{name}").register(commands)
     return parser
 
 

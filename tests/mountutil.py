@@ -165,6 +165,11 @@ def _proc_state(pid: int) -> str | None:
     return None
 
 
+def process_state(pid: int) -> str | None:
+    """The State letter of /proc/PID/status ("R", "S", "D", "Z", ...), None if gone."""
+    return _proc_state(pid)
+
+
 def _cmdline(pid: int) -> list[str]:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:

@@ -147,7 +147,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-def _setup_logging(debug: bool) -> None:
+def setup_logging(debug: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if debug:
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
@@ -162,21 +162,21 @@ def _cmd_mount(args: argparse.Namespace) -> int:
     from qfuse.fuse.daemon import mount
 
     options = mount_options_from_args(args)
-    _setup_logging(options.debug)
+    setup_logging(options.debug)
     return mount(args.image, args.mountpoint, options)
 
 
 def _cmd_umount(args: argparse.Namespace) -> int:
     from qfuse.fuse.umount import umount
 
-    _setup_logging(False)
+    setup_logging(False)
     return umount(args.mountpoint)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from qfuse.cli.info import run_info
 
-    _setup_logging(False)
+    setup_logging(False)
     return run_info(args.image, output=args.output, backing_chain=args.backing_chain)
 
 

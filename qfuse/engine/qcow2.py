@@ -418,7 +418,12 @@ class Qcow2Image:
         data = self._read_cached_cluster(guest_offset, length)
         if data is not None:
             return data
-        return await self.read_guest(guest_offset, length)
+        try:
+            return await self.read_guest(guest_offset, length)
+        except MetadataCorruption as exc:
+            if self.writer is not None:
+                await self.writer.mark_corrupt(str(exc))
+            raise
 
     def _read_cached_cluster(self, guest_offset: int, length: int) -> bytes | None:
         """The common small read, without one `await`: inside one cluster,
@@ -511,7 +516,11 @@ class Qcow2Image:
         """Write guest bytes; the caller keeps them inside the virtual size."""
         if self.writer is None or self.read_only:
             raise OSError(errno.EROFS, "the image is open read-only")
-        return await self.writer.write(guest_offset, data)
+        try:
+            return await self.writer.write(guest_offset, data)
+        except MetadataCorruption as exc:
+            await self.writer.mark_corrupt(str(exc))
+            raise
 
     async def flush(self) -> None:
         """fsync of the view: durable as the cache mode promises."""

@@ -176,16 +176,22 @@ class Writer:
 
     async def _overlap(self, what: str, host_offset: int) -> None:
         """A write would hit metadata: mark corrupt, go read-only, fail with EIO."""
-        if self.failure is None:
-            self.failure = f"write at host offset 0x{host_offset:x} would overwrite {what}"
-            log.error("%s: %s; image marked corrupt, mount is now read-only",
-                      self.image.path, self.failure)
-            self.image.read_only = True
-            try:
-                await self._set_incompatible(INCOMPAT_CORRUPT, True)
-            except OSError as exc:
-                log.error("%s: could not set the corrupt bit: %s", self.image.path, exc)
+        await self.mark_corrupt(f"write at host offset 0x{host_offset:x} would overwrite {what}")
         raise OSError(errno.EIO, self.failure)
+
+    async def mark_corrupt(self, reason: str) -> None:
+        """Metadata is damaged: report it once, set the corrupt bit (so QEMU
+        too refuses to write until it is repaired), and stop writing."""
+        if self.failure is not None:
+            return
+        self.failure = reason
+        log.error("%s: %s; image marked corrupt, mount is now read-only",
+                  self.image.path, reason)
+        self.image.read_only = True
+        try:
+            await self._set_incompatible(INCOMPAT_CORRUPT, True)
+        except OSError as exc:
+            log.error("%s: could not set the corrupt bit: %s", self.image.path, exc)
 
     async def _check_overlap(self, host_offset: int, length: int) -> None:
         if not self.external:

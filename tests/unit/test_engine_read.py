@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import random
 import struct
 import subprocess
@@ -175,3 +176,24 @@ async def test_garbage_compressed_cluster_fails_only_its_cluster(tmp_path):
             await img.read(65536, 512)
     finally:
         img.close()
+
+
+async def test_bad_entry_on_a_writable_image_marks_it_corrupt(tmp_path):
+    image = tmp_path / "bad.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(image), "1M")
+    qemu_io(image, "write -P 7 0 128k")
+    l2 = _l2_offset(image)
+    with open(image, "r+b") as f:
+        f.seek(l2 + 8)
+        f.write(struct.pack(">Q", (1 << 63) | 0x50200))
+    img = open_image(str(image), read_only=False)
+    try:
+        with pytest.raises(MetadataCorruption):
+            await img.read(65536, 512)
+        with pytest.raises(OSError) as failed:
+            await img.write(0, b"x" * 512)
+        assert failed.value.errno == errno.EROFS
+    finally:
+        img.close()
+    incompatible = struct.unpack_from(">Q", image.read_bytes(), 72)[0]
+    assert incompatible & 2  # the corrupt bit

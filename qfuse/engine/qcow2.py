@@ -28,6 +28,7 @@ from qfuse.engine.compression import DecompressionError, decompress_cluster
 from qfuse.engine.hostfile import CacheMode, HostFile
 from qfuse.engine.locking import ImageLock
 from qfuse.engine.refcheck import rebuild_refcounts
+from qfuse.engine.runs import BACKING, COMPRESSED, DATA, ZERO
 from qfuse.engine.tablecache import TableCache
 from qfuse.engine.writer import Writer
 from qfuse.errors import FormatError, ImageError, MetadataCorruption
@@ -53,11 +54,6 @@ from qfuse.format.header import (
 
 log = logging.getLogger(__name__)
 
-# Run kinds.
-DATA = 0  # guest data at a host offset
-ZERO = 1  # reads as zeros
-BACKING = 2  # unallocated here: the backing file's bytes, zeros past its end
-COMPRESSED = 3  # inside one compressed cluster
 
 DEFAULT_L2_CACHE_MAX = 32 * 1024 * 1024  # QEMU's default cap on Linux
 MIN_L2_TABLES = 2
@@ -316,6 +312,10 @@ class Qcow2Image:
         return MetadataCorruption(
             self.path, f"L2 table at host offset 0x{l2_offset:x}, entry {index}", reason
         )
+
+    async def map_range(self, guest_offset: int, length: int) -> list[list[int]]:
+        """The runs of [guest_offset, guest_offset+length): see the module docstring."""
+        return await self._map(guest_offset, length)
 
     async def _map(self, guest_offset: int, length: int) -> list[list[int]]:
         runs: list[list[int]] = []

@@ -35,6 +35,7 @@ from qfuse.engine.hostfile import CacheMode
 from qfuse.engine.overlap import MetadataMap
 from qfuse.engine.rangelock import Held, RangeLocks
 from qfuse.engine.refcounts import Refcounts
+from qfuse.engine.runs import BACKING, ZERO
 from qfuse.errors import MetadataCorruption
 from qfuse.format.entries import (
     L1E_OFFSET_MASK,
@@ -451,13 +452,15 @@ class Writer:
                 continue
             new_bitmaps.append(None)
             at = j * cs
-            head = await self._guest_view(cluster.cluster_start, cluster.write_start)
-            tail = await self._guest_view(cluster.write_end, cluster.cluster_start + cs)
-            if head:
-                segments.append((at, head, head == bytes(len(head))))
-            segments.append((at + len(head), bytes(cluster.data), False))
-            if tail:
-                segments.append((at + cs - len(tail), tail, tail == bytes(len(tail))))
+            head_end = at + cluster.write_start - cluster.cluster_start
+            tail_start = at + cluster.write_end - cluster.cluster_start
+            if head_end > at:
+                segments.append((at, *await self._cow_source(cluster.cluster_start,
+                                                             cluster.write_start)))
+            segments.append((head_end, bytes(cluster.data), False))
+            if tail_start < at + cs:
+                segments.append((tail_start, *await self._cow_source(
+                    cluster.write_end, cluster.cluster_start + cs)))
         await self._check_overlap(base, count * cs)
         await self._write_fresh(base, segments)
         async with Held(self.metadata_lock):
@@ -481,6 +484,22 @@ class Writer:
                         image.guest_data_bytes += cs
                 self._release_old(old)
             image.l2_cache.mark_dirty(l2_offset)
+
+    async def _cow_source(self, start: int, end: int) -> tuple[bytes, bool]:
+        """Copy-on-write bytes of [start, end), and whether they are all zeros.
+
+        When the mapping alone says zeros (zero clusters, or unallocated with
+        no backing data there) nothing is read or compared.
+        """
+        image = self.image
+        inside_end = min(end, image.virtual_size)  # past the disk's end: zeros
+        if inside_end <= start or all(
+            kind == ZERO or (kind == BACKING and image.backing is None)
+            for kind, *_ in await image.map_range(start, inside_end - start)
+        ):
+            return bytes(end - start), True
+        data = await self._guest_view(start, end)
+        return data, data == bytes(len(data))
 
     async def _write_fresh(self, host_offset: int,
                            segments: list[tuple[int, bytes, bool]]) -> None:

@@ -86,7 +86,7 @@ class Refcounts:
             return False
         block = await self.blocks.get(offset)
         self.codec.set(block, index, value)
-        self.blocks.mark_dirty(offset)
+        self.blocks.mark_dirty(offset, block)
         if value == 0 and cluster_index < self.free_hint:
             self.free_hint = cluster_index
         return True

@@ -115,8 +115,11 @@ class TableCache(Generic[T]):
         self._dirty.add(host_offset)
         self._evict_over_capacity()
 
-    def mark_dirty(self, host_offset: int) -> None:
-        assert host_offset in self._tables
+    def mark_dirty(self, host_offset: int, table: T | None = None) -> None:
+        """`table` (the caller's copy) goes back in if it was evicted meanwhile."""
+        if host_offset not in self._tables:
+            assert table is not None, "a dirty table must be in the cache"
+            self._tables[host_offset] = table
         self._dirty.add(host_offset)
 
     def mark_clean(self, host_offset: int) -> None:
@@ -147,7 +150,8 @@ class TableCache(Generic[T]):
         excess = len(self._tables) - self.capacity
         if excess <= 0:
             return
-        for offset in list(self._tables):
+        # Never the most recent table: its user is about to use it.
+        for offset in list(self._tables)[:-1]:
             if excess <= 0:
                 break
             if offset in self._dirty or offset in self._pins:

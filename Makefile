@@ -4,6 +4,7 @@
 #   make test    bootstrap, then run the test suite (pytest, 2 workers)
 #   make bench   bootstrap (+ qemu-storage-daemon), then the read benchmark
 #   make lint    ruff check
+#   make install-helper / uninstall-helper   qfuse for mount(8), fstab and systemd (root)
 #   make clean   remove generated files (keeps .venv); `make distclean` removes it too
 #
 # Bootstrap, shared by all targets:
@@ -24,8 +25,10 @@ VENV ?= .venv
 VENV_PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qfuse-installed
 
-# Debian packages for the daemon, the tests and the demo.
-DEBS := fuse3 libfuse3-dev pkg-config qemu-utils fio e2fsprogs
+# Debian packages for the daemon, the tests and the demo (qemu-system-x86: the
+# guest that tests/test_guest_boot.py boots on a view; systemd: systemd-analyze
+# and the fstab generator for tests/test_systemd.py, nothing is started).
+DEBS := fuse3 libfuse3-dev pkg-config qemu-utils fio e2fsprogs qemu-system-x86 systemd
 # Extra for the benchmark: qemu-storage-daemon (the C peer).
 BENCH_DEBS := qemu-system-common
 
@@ -38,13 +41,15 @@ ifdef CI
 export PIP_PROGRESS_BAR := off
 endif
 
-.PHONY: help bootstrap debs bench-debs fuse-dev demo test bench lint clean distclean
+.PHONY: help bootstrap debs bench-debs fuse-dev demo test bench lint clean distclean \
+	install-helper uninstall-helper
 
 help:
 	@echo 'make demo       mount a small qcow2 image as its raw view and use it (dd, losetup, mount)'
 	@echo 'make test       run the test suite'
 	@echo 'make bench      benchmark qfuse against qemu-storage-daemon and a pyfuse3 floor'
 	@echo 'make lint       ruff check'
+	@echo 'make install-helper    link qfuse into $(HELPER_BINDIR) for mount -t fuse.qfuse, fstab, systemd'
 	@echo 'make clean      remove generated files (distclean: also .venv)'
 	@echo 'All of them first install what is missing (Debian packages, .venv).'
 
@@ -101,6 +106,35 @@ test: bootstrap
 
 bench: bench-debs bootstrap
 	$(VENV_PY) bench/bench.py $(BENCH_ARGS)
+
+# ---- mount helper ------------------------------------------------------------
+#
+# `mount -t fuse.qfuse` and fstab lines run /sbin/mount.fuse3, which runs
+# `/bin/sh -c 'qfuse IMAGE MOUNTPOINT -o OPTS'`.  mount(8) removes PATH from the
+# helper's environment, so that shell searches its built-in default,
+# /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin: a venv's bin
+# directory is never on it.  Hence a symlink to the venv's console script in
+# /usr/local/bin (also the path systemd/qfuse@.service runs).  The umount
+# helper makes `umount VIEW` wait until the daemon has closed the image; umount(8)
+# looks for helpers in /sbin only.  See docs/operations.md.
+HELPER_BINDIR ?= /usr/local/bin
+UMOUNT_HELPER ?= /sbin/umount.fuse.qfuse
+
+install-helper: bootstrap
+	ln -sfn "$(abspath $(VENV))/bin/qfuse" "$(HELPER_BINDIR)/qfuse"
+	install -m 0755 scripts/umount.fuse.qfuse "$(UMOUNT_HELPER)"
+	@echo "[install-helper] $(HELPER_BINDIR)/qfuse -> $(abspath $(VENV))/bin/qfuse; $(UMOUNT_HELPER)"
+	@found=$$(env -i /bin/sh -c 'command -v qfuse' || true); \
+	if [ "$$found" != "$(HELPER_BINDIR)/qfuse" ]; then \
+	    echo "[install-helper] warning: mount.fuse3 will run '$${found:-nothing}', not $(HELPER_BINDIR)/qfuse" \
+	         "(not on /bin/sh's default PATH, or shadowed)"; fi
+
+# Removes only what install-helper put there.
+uninstall-helper:
+	@if [ "$$(readlink "$(HELPER_BINDIR)/qfuse")" = "$(abspath $(VENV))/bin/qfuse" ]; then \
+	    rm -f "$(HELPER_BINDIR)/qfuse" && echo "[uninstall-helper] removed $(HELPER_BINDIR)/qfuse"; fi
+	@if cmp -s scripts/umount.fuse.qfuse "$(UMOUNT_HELPER)"; then \
+	    rm -f "$(UMOUNT_HELPER)" && echo "[uninstall-helper] removed $(UMOUNT_HELPER)"; fi
 
 lint: bootstrap
 	$(VENV)/bin/ruff check qfuse tests bench

@@ -19,6 +19,10 @@ docs/benchmarks.md for why). Every view is mounted fresh for each job and
 torn down afterwards, also on errors and Ctrl-C. Results: a Markdown table on
 stdout and in OUT/results.md, the numbers in OUT/results.json, fio's own JSON
 in OUT/fio/. This is a measurement, not a test: nothing is asserted.
+
+``--tools`` runs none of that: it times ``qfuse convert`` beside ``qemu-img
+convert`` on the same data (raw to qcow2 and back, with and without -c),
+the median of ``--repeat`` runs, into OUT/tools.md.
 """
 
 from __future__ import annotations
@@ -502,6 +506,107 @@ def cpu_model() -> str:
 # ---- main --------------------------------------------------------------------
 
 
+# ---- --tools: qfuse convert against qemu-img convert ---------------------------
+
+# (name, source image key, qemu-img convert arguments; qfuse takes the same)
+TOOL_JOBS: list[tuple[str, str, list[str]]] = [
+    ("raw → qcow2", "raw", ["-O", "qcow2"]),
+    ("raw → qcow2 -c (zlib)", "raw", ["-c", "-O", "qcow2"]),
+    ("raw → qcow2 -c (zstd)", "raw", ["-c", "-O", "qcow2", "-o", "compression_type=zstd"]),
+    ("qcow2 → raw", "c64k", ["-O", "raw"]),
+    ("qcow2 (zlib-compressed) → raw", "zlib", ["-O", "raw"]),
+    ("qcow2 → qcow2 -c (zlib)", "c64k", ["-c", "-O", "qcow2"]),
+]
+
+
+def _timed(cmd: list[str]) -> float:
+    os.sync()  # earlier runs' dirty pages are not this run's cost
+    t0 = time.monotonic()
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    elapsed = time.monotonic() - t0
+    if result.returncode != 0:
+        raise BenchError(f"{' '.join(cmd)}: {result.stderr.strip()}")
+    return elapsed
+
+
+def run_tools(args: argparse.Namespace) -> int:
+    size = parse_size(args.size)
+    if size % (4 << 20):
+        raise SystemExit("--size must be a multiple of 4 MiB")
+    qfuse = os.environ.get("QFUSE") or str(Path(sys.executable).parent / "qfuse")
+    images = build_images(args.out / "images", size)
+    work = Path(tempfile.mkdtemp(prefix="tools-", dir=args.out))
+    tools = {
+        # qemu-img convert writes with cache=unsafe (no final sync); qfuse
+        # syncs before it renames DEST into place, as -t writeback does.
+        "qemu-img": lambda src, dst, a: ["qemu-img", "convert", *a, src, dst],
+        "qemu-img -t writeback": lambda src, dst, a: [
+            "qemu-img", "convert", "-t", "writeback", *a, src, dst],
+        "qfuse": lambda src, dst, a: [qfuse, "convert", *a, src, dst],
+    }  # fmt: skip
+    rows = []
+    try:
+        for name, key, conv_args in TOOL_JOBS:
+            times: dict[str, float] = {}
+            for tool, make in tools.items():
+                runs = []
+                for _ in range(args.repeat):
+                    dest = work / "out"
+                    runs.append(_timed(make(str(images[key]), str(dest), conv_args)))
+                    dest.unlink()
+                times[tool] = sorted(runs)[len(runs) // 2]
+                log(f"{name}: {tool} {times[tool]:.2f} s")
+            rows.append((name, times))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    head = f"| {size >> 20} MiB | " + " | ".join(tools) + " | qfuse / qemu-img -t writeback |"
+    lines = [head, "|---" * (len(tools) + 2) + "|"]
+    for name, times in rows:
+        cells = " | ".join(f"{times[t]:.2f} s" for t in tools)
+        lines.append(
+            f"| {name} | {cells} | {times['qfuse'] / times['qemu-img -t writeback']:.1f}x |"
+        )
+    text = "\n".join(lines) + (
+        f"\n\nMedian of {args.repeat} run(s); data: 32K random + 32K text per 64K cluster; "
+        f"{os.cpu_count()} CPUs ({cpu_model()}).\n"
+    )
+    (args.out / "tools.md").write_text(text)
+    print(text)
+    return 0
+
+
+# ---- --check: qfuse check against qemu-img check -----------------------------------
+
+CHECK_IMAGES = [("c64k", "64 KiB clusters"), ("c4k", "4 KiB clusters"),
+                ("zlib", "64 KiB clusters, zlib-compressed")]
+
+
+def run_check_timing(args: argparse.Namespace) -> int:
+    """Median wall time of `qfuse check` and `qemu-img check` on the same images."""
+    size = parse_size(args.size)
+    if size % (4 << 20):
+        raise SystemExit("--size must be a multiple of 4 MiB")
+    qfuse = os.environ.get("QFUSE") or str(Path(sys.executable).parent / "qfuse")
+    images = build_images(args.out / "images", size)
+    lines = [f"| check, {size >> 20} MiB image | qemu-img | qfuse | qfuse / qemu-img |",
+             "|---|---|---|---|"]
+    for key, name in CHECK_IMAGES:
+        times = {}
+        for tool, cmd in (("qemu-img", ["qemu-img", "check", str(images[key])]),
+                          ("qfuse", [qfuse, "check", str(images[key])])):
+            runs = sorted(_timed(cmd) for _ in range(args.repeat))
+            times[tool] = runs[len(runs) // 2]
+            log(f"check {name}: {tool} {times[tool]:.3f} s")
+        lines.append(f"| {name} | {times['qemu-img']:.3f} s | {times['qfuse']:.3f} s | "
+                     f"{times['qfuse'] / times['qemu-img']:.1f}x |")
+    text = "\n".join(lines) + (
+        f"\n\nMedian of {args.repeat} run(s), wall time of the whole command (qfuse's "
+        f"includes starting Python); {os.cpu_count()} CPUs ({cpu_model()}).\n")
+    (args.out / "check.md").write_text(text)
+    print(text)
+    return 0
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -541,7 +646,19 @@ def main() -> int:
         help="set the views' read_ahead_kb (default: leave the kernel's)",
     )
     parser.add_argument("--out", type=Path, default=HERE / "out", help="output directory")
+    parser.add_argument(
+        "--tools", action="store_true",
+        help="time qfuse convert against qemu-img convert instead (no fio, no mounts)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--check", action="store_true",
+        help="time qfuse check against qemu-img check instead (no fio, no mounts)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.tools:
+        return run_tools(args)
+    if args.check:
+        return run_check_timing(args)
 
     # SIGTERM unwinds like Ctrl-C, so every mount's `finally` runs.
     signal.signal(signal.SIGTERM, _interrupt)

@@ -13,6 +13,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from qfuse.format.snapshots import escape_name
+
 
 def run_info(path: str, *, output: str, backing_chain: bool) -> int:
     from qfuse.engine.info import describe
@@ -50,7 +52,26 @@ def _snapshot_line(snap: Mapping[str, Any]) -> str:
     )
     icount = str(snap["icount"]) if "icount" in snap else ""
     size = size_to_str(snap.get("vm-state-size", 0))
-    return f"{snap['id']:<9} {snap['name']:<16} {size:>8}{date:>20}{clock:>13}{icount:>11}"
+    # C's printf pads by bytes: a name with non-ASCII letters gets fewer spaces.
+    snap_id = _pad_bytes(escape_name(snap["id"]), 9)
+    name = _pad_bytes(escape_name(snap["name"]), 16)
+    return f"{snap_id} {name} {size:>8}{date:>20}{clock:>13}{icount:>11}"
+
+
+def _pad_bytes(text: str, width: int) -> str:
+    """`text` left-aligned in `width` bytes of UTF-8, as ``%-*s`` does."""
+    return text + " " * max(0, width - len(text.encode("utf-8", "replace")))
+
+
+def snapshot_table_lines(snapshots: Sequence[Mapping[str, Any]]) -> list[str]:
+    """qemu-img's snapshot list (bdrv_snapshot_dump), as `info` and
+    `snapshot -l` print it: a title, the column heads, one line each.  Names
+    and IDs with control characters are escaped (`escape_name`)."""
+    return [
+        "Snapshot list:",
+        f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}",
+        *(_snapshot_line(snap) for snap in snapshots),
+    ]
 
 
 def _dump_value(value: Any, level: int, lines: list[str], prefix: str) -> None:
@@ -103,11 +124,7 @@ def format_one(info: Mapping[str, Any]) -> str:
             lines.append(f"backing file format: {info['backing-filename-format']}")
     snapshots = info.get("snapshots")
     if snapshots:
-        lines.append("Snapshot list:")
-        lines.append(
-            f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}"
-        )
-        lines.extend(_snapshot_line(snap) for snap in snapshots)
+        lines.extend(snapshot_table_lines(snapshots))
     specific = info.get("format-specific", {}).get("data")
     if specific:
         lines.append("Format specific information:")

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from qfuse import __version__
+from qfuse.cli.logformat import StderrFormatter, error_line, stderr_is_journal
 from qfuse.cli.mountopts import CACHE_MODES, MountOptions, apply_o_options, parse_size
 from qfuse.errors import QfuseError, UsageError
 
@@ -28,11 +29,11 @@ log = logging.getLogger(__name__)
 # Commands beyond mount/umount/info, each a module `qfuse.cli.NAME` with
 # `register(commands)` (adds its subparser and sets `func`).
 _EXTRA_COMMANDS: tuple[str, ...] = (
-    # "create",
-    # "check",
-    # "snapshot",
-    # "convert",
-    # "stats",
+    "create",
+    "check",
+    "snapshot",
+    "convert",
+    "stats",
 )
 COMMANDS = ("mount", "umount", "info", *_EXTRA_COMMANDS)
 
@@ -148,11 +149,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def setup_logging(debug: bool) -> None:
+    """Log to stderr, one line per event: ``qfuse: ...``, or ``<N>...`` for journald.
+
+    Below INFO only with `debug` (``--debug``); see `qfuse.cli.logformat`.
+    """
     handler = logging.StreamHandler(sys.stderr)
-    if debug:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
-    else:
-        handler.setFormatter(logging.Formatter("qfuse: %(message)s"))
+    handler.setFormatter(StderrFormatter(journal=stderr_is_journal(), debug=debug))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
@@ -185,6 +187,11 @@ def _describe_oserror(err: OSError) -> str:
     return f"{err.filename}: {reason}" if err.filename else reason
 
 
+def _say(message: str) -> None:
+    """A failed command's one line on stderr."""
+    print(error_line(message, journal=stderr_is_journal()), file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one qfuse command; return its exit status."""
     if argv is None:
@@ -193,13 +200,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse_args(argv)
         return int(args.func(args))
     except QfuseError as err:
-        print(f"qfuse: {err}", file=sys.stderr)
+        _say(str(err))
         return err.exit_status
     except OSError as err:
-        print(f"qfuse: {_describe_oserror(err)}", file=sys.stderr)
+        _say(_describe_oserror(err))
         return 1
     except KeyboardInterrupt:
-        print("qfuse: interrupted", file=sys.stderr)
+        _say("interrupted")
         return 130
     finally:
         # `qfuse info | head` closes our stdout early; say nothing about it.

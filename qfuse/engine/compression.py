@@ -1,8 +1,13 @@
-"""Decompressing one compressed cluster, zlib (raw deflate) or zstd.
+"""Compressing and decompressing one cluster, zlib (raw deflate) or zstd.
 
 QEMU's rule: decompression must produce exactly one cluster; the input may
 carry trailing bytes (the rest of the last 512-byte sector), which are
 ignored.  Anything else is a bad cluster.
+
+Compression is QEMU's too (block/qcow2-threads.c): zlib as a raw deflate
+stream with a 4 KiB window (window bits -12, memory level 9, default
+level), zstd as one frame at the default level; a cluster that does not
+shrink below the cluster size is written uncompressed.
 """
 
 from __future__ import annotations
@@ -57,3 +62,18 @@ def _unzstd(data: bytes, cluster_size: int) -> bytes:
             f"decompressed to {len(out)} bytes instead of one cluster ({cluster_size})"
         )
     return out
+
+
+def compress_cluster(compression_type: int, data: bytes | memoryview) -> bytes | None:
+    """`data` (one whole cluster) compressed, or None when it does not shrink.
+
+    Thread-safe and GIL-free in its heavy part, so callers may run many at once.
+    """
+    if compression_type == COMPRESSION_ZLIB:
+        deflater = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12, 9)
+        out = deflater.compress(data) + deflater.flush()
+    elif compression_type == COMPRESSION_ZSTD:
+        out = zstandard.ZstdCompressor().compress(data)
+    else:
+        raise ValueError(f"unknown compression type {compression_type}")
+    return out if len(out) < len(data) else None

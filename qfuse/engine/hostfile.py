@@ -7,6 +7,7 @@ file position, because many FUSE handlers run at once).
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import errno
 import mmap
@@ -196,6 +197,15 @@ class HostFile:
     def datasync(self) -> None:
         os.fdatasync(self.fd)
 
+    def punch_hole_sync(self, host_offset: int, length: int) -> bool:
+        """Give a byte range back to the file system, keeping the file's size
+        (fallocate PUNCH_HOLE): it then reads as zeros.  Best effort: False
+        where the file system or device cannot (cold path: `qfuse check`)."""
+        if _fallocate is None:
+            return False
+        return _fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+                          host_offset, length) == 0
+
     async def datasync_async(self) -> None:
         await trio.to_thread.run_sync(os.fdatasync, self.fd)
 
@@ -203,6 +213,24 @@ class HostFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def _load_fallocate() -> ctypes._CFuncPtr | None:
+    """libc's fallocate64 (Python's os has no fallocate with a mode)."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).fallocate64
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    function.restype = ctypes.c_int
+    return function
+
+
+_fallocate = _load_fallocate()
 
 
 def _pwrite_full(fd: int, offset: int, data: bytes | bytearray | memoryview) -> None:

@@ -75,7 +75,7 @@ def _describe_one(path: str, fmt: str | None) -> tuple[dict[str, Any], str | Non
     if meta.backing_name is not None and meta.extensions.backing_format:
         info["backing-filename-format"] = meta.extensions.backing_format
     if meta.snapshots:
-        info["snapshots"] = [_snapshot_info(s) for s in meta.snapshots]
+        info["snapshots"] = [snapshot_info(s) for s in meta.snapshots]
     info["virtual-size"] = header.size
     info["filename"] = path
     info["cluster-size"] = header.cluster_size
@@ -101,7 +101,8 @@ def _describe_one(path: str, fmt: str | None) -> tuple[dict[str, Any], str | Non
     return info, backing_path, meta.extensions.backing_format
 
 
-def _snapshot_info(snap: Any) -> dict[str, Any]:
+def snapshot_info(snap: Any) -> dict[str, Any]:
+    """One snapshot as `qemu-img info --output json` lists it."""
     info: dict[str, Any] = {}
     if len(snap.extra_data) >= 24:
         icount = int.from_bytes(snap.extra_data[16:24], "big")

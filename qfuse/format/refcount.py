@@ -8,6 +8,13 @@ bit 0 as the least significant bit of each byte (docs/interop/qcow2.txt,
 
 from __future__ import annotations
 
+import sys
+from array import array
+
+_NATIVE_IS_BIG = sys.byteorder == "big"
+# An array typecode holding one entry of each whole-byte width.
+_TYPECODES = {8: "B", 16: "H", 32: "I", 64: "Q"}
+
 
 class RefcountCodec:
     """Get and set entries of one refcount width."""
@@ -23,6 +30,54 @@ class RefcountCodec:
 
     def entries_per_block(self, cluster_size: int) -> int:
         return cluster_size * 8 // self.bits
+
+    @property
+    def typecode(self) -> str:
+        """The `array` typecode of decoded entries: one item per entry, wide
+        enough for `max_value` (``B`` for the sub-byte widths)."""
+        return _TYPECODES.get(self.bits, "B")
+
+    def decode_block(self, block: bytes | bytearray) -> array:
+        """Every entry of `block`, one array item each (see `typecode`)."""
+        if self.entry_bytes:
+            values = array(self.typecode)
+            values.frombytes(block[:len(block) - len(block) % self.entry_bytes])
+            if self.entry_bytes > 1 and not _NATIVE_IS_BIG:
+                values.byteswap()
+            return values
+        per_byte = self.entries_per_byte
+        out = bytearray(len(block) * per_byte)
+        raw = bytes(block)
+        for slot, table in enumerate(self._tables()[0]):
+            out[slot::per_byte] = raw.translate(table)
+        return array("B", out)
+
+    def _tables(self) -> tuple[list[bytes], list[bytes]]:
+        """bytes.translate tables of the sub-byte widths, per slot in a byte:
+        (byte -> that slot's entry, entry -> byte with it in that slot)."""
+        shifts = [slot * self.bits for slot in range(self.entries_per_byte)]
+        return (
+            [bytes((b >> s) & self.max_value for b in range(256)) for s in shifts],
+            [bytes((b << s) & 0xFF for b in range(256)) for s in shifts],
+        )
+
+    def encode_block(self, values: array, size: int) -> bytes:
+        """The inverse of `decode_block`, zero-padded to `size` bytes.
+
+        Every value must fit `bits` (not checked here)."""
+        if self.entry_bytes:
+            swap = self.entry_bytes > 1 and not _NATIVE_IS_BIG
+            if swap or values.typecode != self.typecode:
+                values = array(self.typecode, values)  # a copy: the caller's stays as it is
+                if swap:
+                    values.byteswap()
+            return values.tobytes().ljust(size, b"\0")
+        per_byte = self.entries_per_byte
+        raw = bytes(values).ljust(size * per_byte, b"\0")
+        packed = 0
+        for slot, table in enumerate(self._tables()[1]):
+            packed |= int.from_bytes(raw[slot::per_byte].translate(table), "little")
+        return packed.to_bytes(size, "little")
 
     def get(self, block: bytearray, index: int) -> int:
         if self.entry_bytes:

@@ -6,6 +6,7 @@ the name, padded to 8 bytes.  Read on open only, so construct is fine here.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 from construct import Int16ub, Int32ub, Int64ub, Struct
@@ -16,6 +17,8 @@ MAX_SNAPSHOTS = 65536
 MAX_SNAPSHOT_TABLE_SIZE = 64 * 1024 * 1024
 MAX_SNAPSHOT_EXTRA_DATA = 1024
 FIXED_ENTRY_SIZE = 40
+# QEMU keeps names in a char[256]: longer ones it cuts when it lists them.
+MAX_SNAPSHOT_NAME = 255
 
 SnapshotFixedStruct = Struct(
     "l1_table_offset" / Int64ub,
@@ -112,3 +115,36 @@ def build_entry(snap: Snapshot) -> bytes:
     )
     out = fixed + snap.extra_data + id_bytes + name_bytes
     return out + b"\0" * (-len(out) % 8)
+
+
+def build_extra_data(disk_size: int, vm_state_size: int = 0, icount: int = 0) -> bytes:
+    """The 24 bytes of extra data QEMU 7.2 writes for every snapshot it makes
+    (v2 images too): 64-bit VM state size, disk size, icount.  `qemu-img
+    snapshot -c` records icount 0 (listed as "0"); -1 would mean none."""
+    return struct.pack(">QQQ", vm_state_size, disk_size, icount & 0xFFFF_FFFF_FFFF_FFFF)
+
+
+def escape_name(name: str) -> str:
+    """A snapshot name made safe to print on one line of a terminal.
+
+    Every character that is not printable (C0 and C1 controls, DEL, line and
+    paragraph separators, bidi and other format characters) becomes a
+    Python-style escape: ``\\xNN`` below U+0100, else ``\\uNNNN`` or
+    ``\\UNNNNNNNN``.  Everything else, backslashes included, stays as it is,
+    so a name of printable characters reads exactly as `qemu-img snapshot -l`
+    prints it.  The escape is for display only: commands take the real name
+    (or the ID).
+    """
+    if name.isprintable():
+        return name
+    out = []
+    for char in name:
+        if char.isprintable():
+            out.append(char)
+        elif ord(char) < 0x100:
+            out.append(f"\\x{ord(char):02x}")
+        elif ord(char) < 0x10000:
+            out.append(f"\\u{ord(char):04x}")
+        else:
+            out.append(f"\\U{ord(char):08x}")
+    return "".join(out)

@@ -17,7 +17,9 @@ In order:
    requests in flight finish, then the image is flushed and closed, then
    the view is unmounted and the state file removed; exit 0.
 
-See docs/concurrency.md ("The FUSE layer") for the why of each step.
+Logged at INFO (one line each): serving, the stop signal, unmounted and
+closed; requests only with ``--debug`` (debug.py).  See docs/concurrency.md
+("The FUSE layer") for the why of each step.
 """
 
 from __future__ import annotations
@@ -317,7 +319,9 @@ def serve(spec: MountSpec, reporter: detach.Reporter) -> int:
             record = runstate.write_record(spec.mountpoint, spec.image)
             vmdk_path = _write_vmdk(spec, nodes[0])
             expected = None if spec.directory else nodes[0].size
-            status = trio.run(_serve, spec.mountpoint, expected, images, reporter, early)
+            status = trio.run(
+                _serve, spec.mountpoint, expected, images, reporter, early, _summary(spec)
+            )
             served = True
             return status
         finally:
@@ -333,9 +337,18 @@ def serve(spec: MountSpec, reporter: detach.Reporter) -> int:
             if vmdk_path is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(vmdk_path)
-            log.debug("%s: unmounted", spec.mountpoint)
+            if served:
+                log.info("%s: unmounted, %s closed", spec.mountpoint, spec.image)
     finally:
         images.close()
+
+
+def _summary(spec: MountSpec) -> str:
+    """The one line logged once the view serves."""
+    what = [f"cache={spec.options.cache}", "read-only" if spec.read_only else "read-write"]
+    if spec.options.snapshot is not None:
+        what.append(f"snapshot {spec.options.snapshot}")
+    return f"{spec.mountpoint}: serving {spec.image} ({', '.join(what)})"
 
 
 class _EarlySignals:
@@ -360,6 +373,7 @@ async def _serve(
     images: _Images,
     reporter: detach.Reporter,
     early: _EarlySignals,
+    summary: str,
 ) -> int:
     ready = False
     failure: QfuseError | None = None
@@ -371,7 +385,9 @@ async def _serve(
             await _wait_serving(mountpoint, expected_size)
             reporter.ready()
             ready = True
-            log.debug("%s: serving", mountpoint)
+            # After ready(): a background daemon logs to syslog by now, so
+            # `qfuse mount` itself stays silent.
+            log.info("%s", summary)
     except* QfuseError as group:
         failure = _first(group)
     except* Exception as group:

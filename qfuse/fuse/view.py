@@ -17,12 +17,20 @@ the write bits removed when the view is read-only, so the view is never
 more open than the image; ``default_permissions`` makes the kernel enforce
 them.  Every image view is opened with ``direct_io`` (see
 docs/concurrency.md, "The FUSE layer", for why).
+
+Each image view carries the extended attribute ``user.qfuse.stats``: its
+statistics as one JSON object (`ImageFile.statistics`), which
+``qfuse stats`` reads.  The handlers count the requests they serve with
+plain integer increments (no lock, no log: code between two awaits is
+atomic), and reading the attribute counts nothing, so two reads with no
+I/O between them give the same answer.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import logging
 import math
 import os
@@ -47,6 +55,13 @@ ENTRY_TIMEOUT = 1.0
 # clusters would only fill the log.
 MAX_REPORTED_ERRORS = 1000
 
+# The extended attribute holding an image view's statistics (JSON).
+STATS_XATTR = b"user.qfuse.stats"
+
+
+class Snapshot(Protocol):
+    name: str
+
 
 class Image(Protocol):
     """What the view needs of a `qfuse.engine` image."""
@@ -55,11 +70,27 @@ class Image(Protocol):
     virtual_size: int
     cluster_size: int
     read_only: bool
+    snapshot: Snapshot | None  # the internal snapshot shown, None for the active layer
 
     def allocated_bytes(self) -> int: ...
+    def statistics(self) -> dict[str, Any]: ...
     async def read(self, guest_offset: int, length: int) -> bytes: ...
     async def write(self, guest_offset: int, data: bytes) -> int: ...
     async def flush(self) -> None: ...
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class RequestCounts:
+    """Requests served for one file, by kind, and the bytes they moved."""
+
+    open: int = 0
+    read: int = 0
+    write: int = 0
+    flush: int = 0  # FUSE FLUSH: each close(2) of a descriptor
+    fsync: int = 0
+    errors: int = 0  # of the above, answered with an errno
+    bytes_read: int = 0
+    bytes_written: int = 0
 
 
 @dataclasses.dataclass(eq=False)
@@ -71,6 +102,7 @@ class ImageFile:
     image: Image
     read_only: bool
     size: int
+    requests: RequestCounts = dataclasses.field(default_factory=RequestCounts)
 
     async def read(self, guest_offset: int, length: int) -> bytes:
         size = self.size
@@ -97,6 +129,41 @@ class ImageFile:
     def allocated(self) -> int:
         return self.image.allocated_bytes()
 
+    def statistics(self) -> dict[str, Any]:
+        """What ``user.qfuse.stats`` holds.  The keys are a stable interface
+        (docs/hypervisors.md lists them): add new ones, never rename."""
+        image = self.image
+        engine = image.statistics()
+        counts = self.requests
+        return {
+            "image": image.path,
+            "snapshot": image.snapshot.name if image.snapshot is not None else None,
+            "virtual_size": self.size,
+            "cluster_size": image.cluster_size,
+            "allocated_bytes": image.allocated_bytes(),
+            "read_only": self.read_only or image.read_only,
+            "cache_mode": engine["cache_mode"],
+            "requests": {
+                "open": counts.open,
+                "read": counts.read,
+                "write": counts.write,
+                "flush": counts.flush,
+                "fsync": counts.fsync,
+                "errors": counts.errors,
+            },
+            "bytes_read": counts.bytes_read,
+            "bytes_written": counts.bytes_written,
+            # Flushes that reached the image: fsync, and close after a write.
+            "flushes": engine.get("flushes", 0),
+            "l2_cache": engine["l2_cache"],
+            # A read-only image has no refcount cache: all zeros then.
+            "refcount_cache": engine.get("refcount_cache", _NO_CACHE),
+            "pending_frees": engine.get("pending_frees", 0),
+        }
+
+
+_NO_CACHE = {"capacity": 0, "cached": 0, "dirty": 0, "hits": 0, "misses": 0, "evictions": 0}
+
 
 @dataclasses.dataclass(eq=False)
 class TextFile:
@@ -106,6 +173,7 @@ class TextFile:
     name: bytes
     data: bytes
     read_only: bool = True
+    requests: RequestCounts = dataclasses.field(default_factory=RequestCounts)
 
     @property
     def size(self) -> int:
@@ -271,6 +339,7 @@ class View(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = _Handle(node, writable)
+        node.requests.open += 1
         # direct_io: each read()/write() reaches us with the caller's size
         # (up to 1 MiB) instead of 128 KiB page-cache chunks, and a write's
         # errors reach the writer.  A memory-held text file may be cached.
@@ -279,31 +348,43 @@ class View(pyfuse3.Operations):
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         try:
-            return await self._handles[fh].node.read(off, size)
+            node = self._handles[fh].node
+            node.requests.read += 1
+            data = await node.read(off, size)
         except Exception as err:
-            raise self._fail(err) from None
+            raise self._request_failed(fh, err) from None
+        node.requests.bytes_read += len(data)
+        return data
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         try:
             handle = self._handles[fh]
+            handle.node.requests.write += 1
             written = await handle.node.write(off, buf)
         except Exception as err:
-            raise self._fail(err) from None
+            raise self._request_failed(fh, err) from None
         handle.wrote = True
+        handle.node.requests.bytes_written += written
         return written
 
     async def flush(self, fh: int) -> None:
         # close(2): make what this descriptor wrote durable, so a finished
         # `dd`/`cp` survives a crash of the daemon.  Readers cost nothing.
         handle = self._handles.get(fh)
-        if handle is None or not handle.wrote:
+        if handle is None:
+            return
+        handle.node.requests.flush += 1
+        if not handle.wrote:
             return
         handle.wrote = False
         await self._flush_node(handle.node)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self._handles.get(fh)
-        if handle is not None and handle.writable:
+        if handle is None:
+            return
+        handle.node.requests.fsync += 1
+        if handle.writable:
             handle.wrote = False
             await self._flush_node(handle.node)
 
@@ -312,6 +393,7 @@ class View(pyfuse3.Operations):
             try:
                 await node.image.flush()
             except Exception as err:
+                node.requests.errors += 1
                 raise self._fail(err) from None
 
     async def release(self, fh: int) -> None:
@@ -367,14 +449,26 @@ class View(pyfuse3.Operations):
         return data
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        self._node(inode)
-        raise FUSEError(pyfuse3.ENOATTR)
+        node = self._node(inode)
+        if name != STATS_XATTR or not isinstance(node, ImageFile):
+            raise FUSEError(pyfuse3.ENOATTR)
+        try:
+            return json.dumps(node.statistics()).encode()
+        except Exception as err:
+            raise self._fail(err) from None
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        self._node(inode)
-        return []
+        node = self._node(inode)
+        return [STATS_XATTR] if isinstance(node, ImageFile) else []
 
     # -- errors ------------------------------------------------------------
+
+    def _request_failed(self, fh: int, err: Exception) -> FUSEError:
+        """`_fail` for a request on an open file, counted as that file's error."""
+        handle = self._handles.get(fh)
+        if handle is not None:
+            handle.node.requests.errors += 1
+        return self._fail(err)
 
     def _fail(self, err: Exception) -> FUSEError:
         """The errno for `err`; logs each distinct unexpected error once."""

@@ -9,13 +9,29 @@ from __future__ import annotations
 
 import os
 
+from qfuse.errors import QfuseError
+
 # Marks a descriptor as ours, so a stale one left by a crash may be replaced
 # and a user's own file never is.
 MARKER = "# Written by qfuse for a mounted raw view; removed at unmount."
 
 
+# QEMU reads the extent line with sscanf's ``"%511[^\n\r\"]"`` (block/vmdk.c), and
+# VMware and VirtualBox have no escape either: such a name cannot be written.
+_UNSAYABLE = ('"', "\n", "\r")
+MAX_EXTENT_NAME = 511
+
+
 def descriptor(extent_name: str, virtual_size: int, read_only: bool) -> bytes:
-    """The descriptor text for a raw extent `extent_name` of `virtual_size` bytes."""
+    """The descriptor text for a raw extent `extent_name` of `virtual_size` bytes.
+
+    `extent_name` is a file name as `os.fsdecode` gives it; its bytes go into
+    the descriptor unchanged.  QfuseError if no descriptor can name it.
+    """
+    name_bytes = os.fsencode(extent_name)
+    if any(c in extent_name for c in _UNSAYABLE) or len(name_bytes) > MAX_EXTENT_NAME:
+        raise QfuseError(extent_name, "a VMDK descriptor cannot name this file "
+                         "(a double quote or line break in it, or too long); mount without vmdk")
     sectors = virtual_size // 512
     # The classic ATA geometry VMware writes: 16 heads, 63 sectors a track.
     cylinders = min(16383, -(-sectors // (16 * 63)))
@@ -39,7 +55,8 @@ ddb.geometry.heads = "16"
 ddb.geometry.sectors = "63"
 ddb.adapterType = "ide"
 """
-    return text.encode()
+    # surrogateescape: a file name that is not UTF-8 keeps its own bytes.
+    return text.encode("utf-8", "surrogateescape")
 
 
 def descriptor_path(view_path: str) -> str:

@@ -105,6 +105,7 @@ def write_record(mountpoint: str, image: str) -> DaemonRecord | None:
     assert start_time is not None
     record = DaemonRecord(pid, start_time, mountpoint, image)
     path = _state_path(mountpoint)
+    _prune_dead_records(os.path.dirname(path))
     try:
         os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
@@ -115,6 +116,28 @@ def write_record(mountpoint: str, image: str) -> DaemonRecord | None:
         log.warning("cannot record the daemon in %s (%s); 'qfuse umount' will not wait", path, err)
         return None
     return record
+
+
+def _prune_dead_records(directory: str) -> None:
+    """Drop the records of daemons that died without removing theirs (killed)."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if not name.endswith(".json"):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            with open(path) as f:
+                record = DaemonRecord(**json.load(f))
+        except (OSError, ValueError, TypeError):
+            continue
+        if not record_alive(record):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
 
 def read_record(mountpoint: str) -> DaemonRecord | None:

@@ -443,7 +443,7 @@ class Writer:
             base = await self.refcounts.allocate(count)
         new_bitmaps: list[int | None] = []
         # (offset in the new clusters, bytes, known to be zeros) in order.
-        segments: list[tuple[int, bytes, bool]] = []
+        segments: list[tuple[int, bytes | memoryview, bool]] = []
         for j, cluster in enumerate(clusters):
             if image.extended_l2:
                 body, bitmap = await self._new_cluster_content(table, cluster)
@@ -457,7 +457,7 @@ class Writer:
             if head_end > at:
                 segments.append((at, *await self._cow_source(cluster.cluster_start,
                                                              cluster.write_start)))
-            segments.append((head_end, bytes(cluster.data), False))
+            segments.append((head_end, cluster.data, False))
             if tail_start < at + cs:
                 segments.append((tail_start, *await self._cow_source(
                     cluster.write_end, cluster.cluster_start + cs)))
@@ -502,7 +502,7 @@ class Writer:
         return data, data == bytes(len(data))
 
     async def _write_fresh(self, host_offset: int,
-                           segments: list[tuple[int, bytes, bool]]) -> None:
+                           segments: list[tuple[int, bytes | memoryview, bool]]) -> None:
         """Write new clusters as one write.  Past the end of the file they
         read as zeros already, so zero copy-on-write parts are not written
         there.  The file is not extended over a zero tail: with O_DIRECT,
@@ -511,20 +511,20 @@ class Writer:
         last cluster reads the same (zeros past the end)."""
         host = self.image.data_host
         if host_offset < host.size():
-            await host.pwrite(host_offset, b"".join(data for _, data, _ in segments))
+            await host.pwritev(host_offset, [data for _, data, _ in segments])
             return
         run_start, run = 0, []
         for offset, data, zeros in segments:
             if zeros:
                 if run:
-                    await host.pwrite(host_offset + run_start, b"".join(run))
+                    await host.pwritev(host_offset + run_start, run)
                     run = []
                 continue
             if not run:
                 run_start = offset
             run.append(data)
         if run:
-            await host.pwrite(host_offset + run_start, b"".join(run))
+            await host.pwritev(host_offset + run_start, run)
 
     def _release_old(self, old_entry: int) -> None:
         """Queue the decrement for what an overwritten L2 entry referenced."""

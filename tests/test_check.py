@@ -158,10 +158,13 @@ def compare_with_qemu(img: Path, *args: str) -> tuple[Outcome, Outcome, Path, Pa
     if "json" in args and theirs.stdout:
         ours_json = json.loads(ours.stdout)
         theirs_json = json.loads(theirs.stdout)
-        ours_json.pop("filename")
+        assert ours_json.pop("filename") == ours_img.name
         theirs_json.pop("filename")
         assert ours_json == theirs_json
         assert list(ours_json) == list(theirs_json)  # and in qemu-img's order
+        # and laid out alike, byte for byte
+        assert ours.stdout.replace(ours_img.name, "IMG") == \
+            theirs.stdout.replace(theirs_img.name, "IMG")
     else:
         assert ours.stdout == theirs.stdout
     _same_stderr(ours.stderr, theirs.stderr)
@@ -656,6 +659,17 @@ def test_not_a_qcow2_image(kind: str, args: list[str], tmp_path: Path) -> None:
     else:
         assert path.read_bytes() == before
         assert path.stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("args", [["--repair", "some"], ["--output", "xml"], []],
+                         ids=["repair", "output", "no-image"])
+def test_bad_option_exits_1(args: list[str], tmp_path: Path) -> None:
+    """qemu-img check exits 1 on a bad option: 2 would say "corruptions"."""
+    img = _make("v3", tmp_path)
+    res = _run([*QFUSE, "check", *args, *([img.name] if args else [])], tmp_path)
+    assert res.status == 1
+    assert len(res.stderr.splitlines()) == 1
+    assert res.stderr.startswith("qfuse: ")
 
 
 def test_image_in_use_by_qemu(tmp_path: Path) -> None:

@@ -15,9 +15,10 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 from qfuse.engine.check import CheckOutcome, CheckResult
+from qfuse.errors import UsageError
 
 # Checks of images this large (file size) may take a while: show progress
 # on a terminal.
@@ -58,6 +59,18 @@ def register(commands: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     check.add_argument("--output", choices=("human", "json"), default="human")
     check.set_defaults(func=_cmd_check)
+    check.error = _usage_error  # type: ignore[method-assign]
+
+
+class CheckUsageError(UsageError):
+    """A wrong option of `check`: exit 1, as qemu-img check, for 2 says
+    "corruptions" here."""
+
+    exit_status = 1
+
+
+def _usage_error(message: str) -> NoReturn:
+    raise CheckUsageError(None, f"{message} (see 'qfuse check --help')")
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

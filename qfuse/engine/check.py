@@ -25,10 +25,27 @@ bit is set, durably, before the first repair write: if the repair stops
 half-way (an I/O error, a crash) it stays set, and the next writable open
 (qfuse's or QEMU's) recounts the refcounts.  It is cleared, with the
 corrupt bit, once the repair leaves neither corruptions nor check errors
-(QEMU's rule); otherwise it goes back to what it was.
+(QEMU's rule); otherwise it goes back to what it was.  Clusters a leak
+repair frees are punched out of the file, as QEMU discards them.
 
-Memory: one array of counts and the refcount blocks, each one item per host
-cluster; no Python object per cluster.
+Where QEMU 7.2's repair goes wrong, qfuse does not follow it:
+
+* a rebuild keeps its new structures off refcount blocks the count skipped
+  (reserved bits in their table entry) and off clusters that entries name
+  past the end of the file, and rebuilds again if the file grew over such
+  a cluster (QEMU writes over them: its overlap check then stops the
+  repair, or the guest reads refcounts);
+* a repair that fails once it has written leaves the dirty bit set (QEMU
+  clears it on close); one that fails before leaves the file untouched;
+* a refcount block at a misaligned offset does not mark the image corrupt
+  and stop the repair half-way (QEMU's "Marking image as corrupt").
+
+The backing file and the external data file are not opened: the check is
+about this file's metadata.
+
+Memory: the counted references and the stored refcounts, each one array
+item per host cluster (plus the refcount blocks a repair changes); no
+Python object per cluster.
 """
 
 from __future__ import annotations
@@ -294,6 +311,7 @@ class _Checker:
         rebuild = False
         highest = 0
         freed: list[int] = []
+        stored.keep = bool(fix)
         # The stored refcounts of clusters [0, len(counts)) in one array, for
         # the COPIED check (None if a block cannot be read).
         flat: array | None = array(counts.typecode)
@@ -318,9 +336,9 @@ class _Checker:
             on_disk = block[:end - start] if block is not None else \
                 array(counted.typecode, bytes(counted.itemsize * (end - start)))
             if flat is not None:
-                flat.extend(on_disk)  # fixes below change `block`, and `flat` with it
+                flat.extend(on_disk)  # a copy: the fixes below update both
             if on_disk == counted:
-                last = max(_last_nonzero(counted), _last_nonzero(on_disk))
+                last = _last_nonzero(counted)
                 if last >= 0:
                     highest = start + last
                 continue
@@ -509,6 +527,9 @@ class _StoredRefcounts:
         self.table = decode_table(raw.ljust(header.refcount_table_clusters * self.cs, b"\0"))
         self._blocks: dict[int, array] = {}
         self.dirty: set[int] = set()
+        # Keep the blocks read (a repair changes them); else `flat` has
+        # their values, and memory is two arrays of the file's clusters.
+        self.keep = False
         # Every stored refcount up to the end of the file, once compared.
         self.flat: array | None = None
 
@@ -528,10 +549,13 @@ class _StoredRefcounts:
             raise _Unreadable
         raw = self.file.pread_sync(offset, self.cs).ljust(self.cs, b"\0")
         values = self.codec.decode_block(raw)
-        self._blocks[index] = values
+        if self.keep:
+            self._blocks[index] = values
         return values
 
     def get(self, cluster: int) -> int:
+        if self.flat is not None and cluster < len(self.flat):
+            return self.flat[cluster]
         index, slot = divmod(cluster, self.per_block)
         values = self.block(index)
         return values[slot] if values is not None else 0

@@ -183,15 +183,6 @@ class References:
         )
         self.corruptions += 1
 
-    def last_used(self) -> int:
-        """Index of the last cluster with a reference, -1 if none."""
-        return _last_nonzero(self.counts)
-
-
-def _last_nonzero(values: array) -> int:
-    used = len(values.tobytes().rstrip(b"\0"))
-    return (used - 1) // values.itemsize if used else -1
-
 
 def count_references(file: HostFile, meta: Metadata, *,
                      include_refcount_structures: bool = True,
@@ -234,8 +225,9 @@ class _Walker:
         codec = RefcountCodec(header.refcount_order)
         file_size = file.size()
         clusters = -(-file_size // self.cs)
-        self.refs = References(array(codec.typecode, bytes(clusters * codec_itemsize(codec))),
-                               self.cbits, codec.max_value, file_size, report)
+        counts = array(codec.typecode)
+        counts.frombytes(bytes(clusters * counts.itemsize))
+        self.refs = References(counts, self.cbits, codec.max_value, file_size, report)
         self.data_file = header.has_data_file
         self.extended = header.extended_l2
         self.layout = CompressedLayout(self.cbits)
@@ -703,10 +695,6 @@ class PlainTables:
                 return None
             found = entries.find(pattern, found + 1)
         return [offset >> cbits for offset in offsets if offset]
-
-
-def codec_itemsize(codec: RefcountCodec) -> int:
-    return array(codec.typecode).itemsize
 
 
 # -- rebuilding ------------------------------------------------------------------

@@ -278,14 +278,4 @@ class Refcounts:
 
     async def write_back(self) -> bool:
         """Write every dirty block; True if there were any."""
-        dirty = self.blocks.dirty_tables()
-        for offset, block in dirty:
-            # Clean before the await: a change made while the write is under
-            # way marks the block dirty again and is written next time.
-            self.blocks.mark_clean(offset)
-            try:
-                await self.file.pwrite(offset, bytes(block))
-            except BaseException:
-                self.blocks.mark_dirty(offset)
-                raise
-        return bool(dirty)
+        return bool(await self.blocks.write_dirty(bytes, self.file.pwrite))

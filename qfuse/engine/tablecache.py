@@ -129,6 +129,23 @@ class TableCache(Generic[T]):
         """Dirty tables in host-offset order (sequential write-back)."""
         return [(offset, self._tables[offset]) for offset in sorted(self._dirty)]
 
+    async def write_dirty(self, encode: Callable[[T], bytes],
+                          write: Callable[[int, bytes], Awaitable[None]]) -> int:
+        """Write every dirty table (in host-offset order); how many there were.
+
+        Each is marked clean before its write: a change made while the write
+        is under way marks it dirty again, and it is written next time.
+        """
+        dirty = self.dirty_tables()
+        for offset, table in dirty:
+            self.mark_clean(offset)
+            try:
+                await write(offset, encode(table))
+            except BaseException:
+                self.mark_dirty(offset, table)
+                raise
+        return len(dirty)
+
     @property
     def dirty_count(self) -> int:
         return len(self._dirty)

@@ -631,13 +631,8 @@ class Writer:
         wrote_refcounts = await self.refcounts.write_back()
         if wrote_refcounts and (l2_dirty or self.pending_frees) and not self.lazy:
             await self.barrier()
-        for offset, table in l2_dirty:
-            image.l2_cache.mark_clean(offset)
-            try:
-                await self.file.pwrite(offset, encode_table(table))
-            except BaseException:
-                image.l2_cache.mark_dirty(offset)
-                raise
+        # metadata_lock is held: no L2 entry changed since `l2_dirty` was taken.
+        await image.l2_cache.write_dirty(encode_table, self.file.pwrite)
         if self.pending_frees:
             if l2_dirty and not self.lazy:
                 await self.barrier()

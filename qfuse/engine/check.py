@@ -51,6 +51,7 @@ Python object per cluster.
 from __future__ import annotations
 
 import copy
+import errno
 import operator
 import struct
 from array import array
@@ -91,6 +92,7 @@ from qfuse.format.refcount import RefcountCodec
 
 INCOMPATIBLE_FEATURES_FIELD = 72
 REBUILD_ATTEMPTS = 3
+MAX_FILE_OFFSET = (1 << 63) - 1
 
 Progress = Callable[[int, int], None]
 
@@ -157,6 +159,9 @@ def check_image(path: str, *, fix: Fix = Fix.NONE, report: Report,
                 raise CheckFailed(path, f"check failed: a repair would overwrite {exc}") from None
             except OSError as exc:
                 raise CheckFailed(path, f"check failed: {exc.strerror or exc}") from None
+            except (OverflowError, ValueError) as exc:
+                # A value in the image no file offset or array can take.
+                raise CheckFailed(path, f"check failed: {exc}") from None
             final.corruptions_fixed = first.corruptions_fixed
             final.leaks_fixed = first.leaks_fixed
             return CheckOutcome(final, repaired=True)
@@ -321,10 +326,10 @@ class _Checker:
             counted = counts[start:end]
             try:
                 block = stored.block(index)
-            except _Unreadable:
+            except _Unreadable as exc:
                 if flat is not None:  # the first one (QEMU: once, then suppressed)
-                    report(f"qfuse: {self.path}: image is corrupt: refcount block offset "
-                           f"{stored.offset(index):#x} unaligned (refcount table index: "
+                    report(f"qfuse: {self.path}: image is corrupt: refcount block at "
+                           f"{stored.offset(index):#x} {exc} (refcount table index: "
                            f"{index:#x})")
                 for cluster in range(start, end):
                     report(f"Can't get refcount for cluster {cluster}: Input/output error")
@@ -475,7 +480,7 @@ class _Checker:
                               f"overlaps {exc}") from None
 
     def _read(self, host_offset: int, length: int) -> bytes:
-        return self.file.pread_sync(host_offset, length).ljust(length, b"\0")
+        return _read(self.file, host_offset, length)
 
 
 def _copied_right(plain: PlainTables, raw: bytes, flat: array) -> bool:
@@ -504,13 +509,21 @@ def _copied_right(plain: PlainTables, raw: bytes, flat: array) -> bool:
     return copied == 0 and ones == 0 and refcounts.count(0) == 0
 
 
+def _read(file: HostFile, host_offset: int, length: int) -> bytes:
+    """Bytes at `host_offset`, zeros past the end of the file (QEMU's reads)."""
+    if host_offset + length > MAX_FILE_OFFSET:
+        raise OSError(errno.EINVAL, "offset beyond what a file can hold")
+    return file.pread_sync(host_offset, length).ljust(length, b"\0")
+
+
 def _last_nonzero(values: array) -> int:
     used = len(values.tobytes().rstrip(b"\0"))
     return (used - 1) // values.itemsize if used else -1
 
 
 class _Unreadable(Exception):
-    """A refcount block at an offset that is not cluster-aligned."""
+    """A refcount block at an offset that is not cluster-aligned, or that
+    cannot be read."""
 
 
 class _StoredRefcounts:
@@ -546,8 +559,11 @@ class _StoredRefcounts:
         if not offset:
             return None
         if offset & (self.cs - 1):
-            raise _Unreadable
-        raw = self.file.pread_sync(offset, self.cs).ljust(self.cs, b"\0")
+            raise _Unreadable("is unaligned")
+        try:
+            raw = _read(self.file, offset, self.cs)
+        except OSError as exc:
+            raise _Unreadable(f"cannot be read: {exc.strerror or exc}") from None
         values = self.codec.decode_block(raw)
         if self.keep:
             self._blocks[index] = values

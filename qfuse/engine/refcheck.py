@@ -35,6 +35,7 @@ Cold path, synchronous: runs at open or in `qfuse check`, never under FUSE.
 from __future__ import annotations
 
 import enum
+import errno
 import struct
 from array import array
 from collections.abc import Callable
@@ -68,7 +69,8 @@ BITMAP_TABLE_RESERVED_MASK = 0xFF00_0000_0000_01FE
 BITMAP_TABLE_ALL_ONES = 1
 MAX_BITMAP_DIRECTORY = 64 * 1024 * 1024
 MAX_BITMAP_TABLE_BYTES = 64 * 1024 * 1024
-REFCOUNT_TABLE_FIELD = 48  # header: refcount_table_offset, then refcount_table_clusters
+REFCOUNT_TABLE_FIELD = 48
+MAX_FILE_OFFSET = (1 << 63) - 1  # header: refcount_table_offset, then refcount_table_clusters
 
 Report = Callable[[str], None]
 
@@ -242,7 +244,10 @@ class _Walker:
         self.slow = self.plain.slow
 
     def read(self, host_offset: int, length: int) -> bytes:
-        """Bytes at `host_offset`; zeros past the end of the file, as QEMU reads."""
+        """Bytes at `host_offset`; zeros past the end of the file, as QEMU reads
+        (and beyond what any file can hold: QEMU then fails, we go on)."""
+        if host_offset + length > MAX_FILE_OFFSET:
+            return bytes(length)
         return self.file.pread_sync(host_offset, length).ljust(length, b"\0")
 
     def note(self, host_offset: int, length: int, what: str) -> None:
@@ -413,7 +418,7 @@ class _Walker:
                 refs.fragmented_clusters += sum(
                     1 for a, b in zip(clusters, clusters[1:], strict=False) if b != a + 1)
         metadata = self.metadata
-        if isinstance(clusters, range):
+        if isinstance(clusters, range) and len(metadata) < len(clusters):
             on_metadata = any(cluster in clusters for cluster in metadata)
         else:
             on_metadata = not metadata.keys().isdisjoint(clusters)
@@ -569,8 +574,7 @@ class _Walker:
                   "bitmap directory")
         if bitmaps.bitmap_directory_size > MAX_BITMAP_DIRECTORY:
             raise FormatError("bitmap directory exceeds 64 MiB")
-        directory = self.file.pread_sync(bitmaps.bitmap_directory_offset,
-                                         bitmaps.bitmap_directory_size)
+        directory = self.read(bitmaps.bitmap_directory_offset, bitmaps.bitmap_directory_size)
         pos = 0
         for number in range(bitmaps.nb_bitmaps):
             if pos + BITMAP_ENTRY_FIXED > len(directory):
@@ -624,6 +628,8 @@ class _Walker:
                 if repairing:
                     assert self.writer is not None
                     try:
+                        if offset > MAX_FILE_OFFSET - cs:
+                            raise OSError(errno.EINVAL, "Invalid argument")
                         self.writer.grow(offset + cs)
                     except OSError as exc:
                         refs.rebuild = True

@@ -20,11 +20,15 @@ data padded to a multiple of 8; type 0 ends the list.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
+import select
+import signal
 import struct
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -354,3 +358,36 @@ def compressed_extent(entry: int, cluster_bits: int) -> tuple[int, int]:
     host = entry & ((1 << x) - 1)
     extra_sectors = (entry >> x) & ((1 << (cluster_bits - 8)) - 1)
     return host, 512 - (host & 511) + extra_sectors * 512
+
+
+@contextlib.contextmanager
+def qemu_io_holding(image: Path, *flags: str) -> Iterator[subprocess.Popen[bytes]]:
+    """An interactive `qemu-io [FLAGS] IMAGE`, returned once its prompt shows
+    (the image is open and locked by then)."""
+    proc = subprocess.Popen(
+        ["qemu-io", *flags, "-f", "qcow2", os.fspath(image)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        seen = b""
+        deadline = time.monotonic() + 10
+        while b"qemu-io>" not in seen:
+            assert time.monotonic() < deadline, f"no qemu-io prompt: {seen!r}"
+            ready, _, _ = select.select([proc.stdout], [], [], 0.1)
+            if ready:
+                chunk = os.read(proc.stdout.fileno(), 4096)
+                assert chunk, f"qemu-io exited: {seen!r}"
+                seen += chunk
+        yield proc
+    finally:
+        with contextlib.suppress(BrokenPipeError, ValueError):
+            proc.stdin.write(b"quit\n")  # type: ignore[union-attr]
+            proc.stdin.close()  # type: ignore[union-attr]
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+        if proc.stdout:
+            proc.stdout.close()

@@ -11,19 +11,24 @@ and as zero clusters, spread over several L2 tables.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import select
-import signal
 import struct
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from images import KiB, MiB, create, qemu_img, qemu_io, read_header, run, sha256
+from images import (
+    KiB,
+    MiB,
+    create,
+    qemu_img,
+    qemu_io,
+    qemu_io_holding,
+    read_header,
+    run,
+    sha256,
+)
 from mountutil import assert_same_as_qemu, convert_raw, run_qfuse
 
 # name -> qemu-img create -o options
@@ -510,39 +515,6 @@ def test_info_escapes_too(tmp_path: Path) -> None:
 
 
 # -- locks -----------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def qemu_io_holding(image: Path, *flags: str) -> Iterator[None]:
-    """An interactive `qemu-io [FLAGS] IMAGE`, once its prompt shows (the
-    image is open and locked by then)."""
-    proc = subprocess.Popen(
-        ["qemu-io", *flags, "-f", "qcow2", os.fspath(image)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None and proc.stdin is not None
-        seen = b""
-        deadline = time.monotonic() + 10
-        while b"qemu-io>" not in seen:
-            assert time.monotonic() < deadline, f"no qemu-io prompt: {seen!r}"
-            ready, _, _ = select.select([proc.stdout], [], [], 0.1)
-            if ready:
-                chunk = os.read(proc.stdout.fileno(), 4096)
-                assert chunk, f"qemu-io exited: {seen!r}"
-                seen += chunk
-        yield
-    finally:
-        with contextlib.suppress(BrokenPipeError, ValueError):
-            proc.stdin.write(b"quit\n")  # type: ignore[union-attr]
-            proc.stdin.close()  # type: ignore[union-attr]
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-        if proc.stdout:
-            proc.stdout.close()
 
 
 @pytest.mark.parametrize("action", [("-c", "new"), ("-a", "s"), ("-d", "s"), ("-l",)])

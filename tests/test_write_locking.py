@@ -17,17 +17,12 @@ commands from a pipe the test owns; it is ended by "quit", else by its PID.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import select
-import signal
 import subprocess
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from images import create, info, qemu_io, run, sha256
+from images import create, info, qemu_io, qemu_io_holding, run, sha256
 from mountutil import daemon_pids, force_unmount, is_mounted, read_view, run_qfuse, teardown
 
 pytestmark = pytest.mark.mount
@@ -52,39 +47,6 @@ def assert_lock_failure(res: subprocess.CompletedProcess[str], message: str) -> 
     out = res.stdout + res.stderr
     assert res.returncode != 0, f"qemu-io succeeded: {out}"
     assert message in out, f"expected {message!r} from qemu-io, got: {out}"
-
-
-@contextlib.contextmanager
-def qemu_io_holding(image: Path, *flags: str) -> Iterator[subprocess.Popen[bytes]]:
-    """An interactive `qemu-io [FLAGS] IMAGE`, returned once its prompt shows
-    (the image is open and locked by then)."""
-    proc = subprocess.Popen(
-        ["qemu-io", *flags, "-f", "qcow2", os.fspath(image)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None and proc.stdin is not None
-        seen = b""
-        deadline = time.monotonic() + 10
-        while b"qemu-io>" not in seen:
-            assert time.monotonic() < deadline, f"no qemu-io prompt: {seen!r}"
-            ready, _, _ = select.select([proc.stdout], [], [], 0.1)
-            if ready:
-                chunk = os.read(proc.stdout.fileno(), 4096)
-                assert chunk, f"qemu-io exited: {seen!r}"
-                seen += chunk
-        yield proc
-    finally:
-        with contextlib.suppress(BrokenPipeError, ValueError):
-            proc.stdin.write(b"quit\n")  # type: ignore[union-attr]
-            proc.stdin.close()  # type: ignore[union-attr]
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-        if proc.stdout:
-            proc.stdout.close()
 
 
 # -- a read-write mount ---------------------------------------------------------

@@ -49,6 +49,17 @@ REPO = HERE.parent
 CLUSTER_64K = 64 * 1024
 SYSTEMS = ("qfuse", "qsd", "floor")
 EMPTY_FACTOR = 16  # an "empty" image is this many times --size (room for allocating writes)
+CACHE_MODES = ("writeback", "writethrough", "none", "directsync", "unsafe")
+# QEMU's -drive cache=MODE spelled for qemu-storage-daemon: the block nodes'
+# cache.direct / cache.no-flush, and the FUSE export's writethrough flag (the
+# part of the mode that -drive puts on the guest device's write cache).
+QSD_CACHE = {
+    "writeback": ("cache.direct=off,cache.no-flush=off", "writethrough=off"),
+    "writethrough": ("cache.direct=off,cache.no-flush=off", "writethrough=on"),
+    "none": ("cache.direct=on,cache.no-flush=off", "writethrough=off"),
+    "directsync": ("cache.direct=on,cache.no-flush=off", "writethrough=on"),
+    "unsafe": ("cache.direct=off,cache.no-flush=on", "writethrough=off"),
+}
 
 
 def log(msg: str) -> None:
@@ -119,6 +130,7 @@ class Mounter:
     logdir: Path
     qfuse: str = ""
     qsd: str = ""
+    cache: str = "writeback"
 
     @contextlib.contextmanager
     def mounted(self, image: Path, raw: Path, view: Path, writable: bool) -> Iterator[None]:
@@ -127,7 +139,7 @@ class Mounter:
         proc: subprocess.Popen[bytes] | None = None
         try:
             if self.name == "qfuse":
-                cmd = [*self.pin, self.qfuse, "mount", str(image), str(view)]
+                cmd = [*self.pin, self.qfuse, "mount", str(image), str(view), "--cache", self.cache]
                 if not writable:
                     cmd.append("--read-only")
                 with open(logfile, "wb") as out:
@@ -144,16 +156,18 @@ class Mounter:
                     )
             else:
                 if self.name == "qsd":
+                    node_cache, export_cache = QSD_CACHE[self.cache]
                     cmd = [
                         *self.pin,
                         self.qsd,
                         "--blockdev",
-                        f"driver=file,node-name=file,filename={image}",
+                        f"driver=file,node-name=file,filename={image},{node_cache}",
                         "--blockdev",
-                        "driver=qcow2,node-name=fmt,file=file",
+                        f"driver=qcow2,node-name=fmt,file=file,{node_cache}",
                         "--export",
                         "type=fuse,id=exp,node-name=fmt,"
-                        f"mountpoint={view},writable={'on' if writable else 'off'}",
+                        f"mountpoint={view},writable={'on' if writable else 'off'},"
+                        f"{export_cache}",
                     ]
                 else:
                     cmd = [
@@ -429,40 +443,40 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}" if a and b else "—"
 
 
-def report(
-    meta: dict[str, str],
+def report_mode(
+    mode: str,
+    first: bool,
     jobs: list[Job],
     systems: list[str],
-    results: dict[tuple[str, str], Result],
-    notes: list[str],
-) -> str:
-    lines = ["# qfuse benchmark", ""]
-    lines += [f"* {k}: {v}" for k, v in meta.items()]
+    results: dict[tuple[str, str, str], Result],
+) -> list[str]:
+    """The tables of one cache mode (the floor, which has none, only beside the first)."""
+    lines = ["", f"## cache={mode}", ""]
     lines += [
-        "",
         "| job | unit | " + " | ".join(SYSTEMS) + " | qfuse/qsd | qfuse/floor |",
         "|---|---|" + "---:|" * (len(SYSTEMS) + 2),
     ]
+
+    def cell(job: Job, s: str) -> str:
+        r = results.get((mode, job.name, s))
+        if s not in systems:
+            return "skipped"
+        if s == "floor" and not first:
+            return "—"
+        if r is None or r.error:
+            return "failed"
+        return fmt(r.value, job.unit)
+
+    def val(job: Job, s: str) -> float | None:
+        r = results.get((mode, job.name, s))
+        return r.value if r else None
+
     for job in jobs:
-        cells = []
-        for s in SYSTEMS:
-            r = results.get((job.name, s))
-            if s not in systems:
-                cells.append("skipped")
-            elif r is None or r.error:
-                cells.append("failed")
-            else:
-                cells.append(fmt(r.value, job.unit))
-
-        def val(s: str, job: Job = job) -> float | None:
-            r = results.get((job.name, s))
-            return r.value if r else None
-
         lines.append(
             f"| {job.title} | {job.unit} | "
-            + " | ".join(cells)
-            + f" | {ratio(val('qfuse'), val('qsd'))}"
-            + f" | {ratio(val('qfuse'), val('floor'))} |"
+            + " | ".join(cell(job, s) for s in SYSTEMS)
+            + f" | {ratio(val(job, 'qfuse'), val(job, 'qsd'))}"
+            + f" | {ratio(val(job, 'qfuse'), val(job, 'floor'))} |"
         )
     lat_jobs = [j for j in jobs if j.unit == "IOPS"]
     if lat_jobs:
@@ -476,10 +490,27 @@ def report(
         for job in lat_jobs:
             cells = []
             for s in SYSTEMS:
-                r = results.get((job.name, s))
+                r = results.get((mode, job.name, s))
                 cells.append(f"{r.lat_us:.0f}" if r and r.lat_us is not None else "—")
             lines.append(f"| {job.title} | " + " | ".join(cells) + " |")
-    errors = [f"{job} / {s}: {r.error}" for (job, s), r in results.items() if r.error]
+    return lines
+
+
+def report(
+    meta: dict[str, str],
+    jobs: list[Job],
+    systems: list[str],
+    modes: list[str],
+    results: dict[tuple[str, str, str], Result],
+    notes: list[str],
+) -> str:
+    lines = ["# qfuse benchmark", ""]
+    lines += [f"* {k}: {v}" for k, v in meta.items()]
+    for mode in modes:
+        lines += report_mode(mode, mode == modes[0], jobs, systems, results)
+    errors = [
+        f"{job} / {s} / cache={m}: {r.error}" for (m, job, s), r in results.items() if r.error
+    ]
     if notes or errors:
         lines += ["", "Notes:", ""] + [f"* {n}" for n in notes + errors]
     return "\n".join(lines) + "\n"
@@ -577,8 +608,11 @@ def run_tools(args: argparse.Namespace) -> int:
 
 # ---- --check: qfuse check against qemu-img check -----------------------------------
 
-CHECK_IMAGES = [("c64k", "64 KiB clusters"), ("c4k", "4 KiB clusters"),
-                ("zlib", "64 KiB clusters, zlib-compressed")]
+CHECK_IMAGES = [
+    ("c64k", "64 KiB clusters"),
+    ("c4k", "4 KiB clusters"),
+    ("zlib", "64 KiB clusters, zlib-compressed"),
+]
 
 
 def run_check_timing(args: argparse.Namespace) -> int:
@@ -588,20 +622,27 @@ def run_check_timing(args: argparse.Namespace) -> int:
         raise SystemExit("--size must be a multiple of 4 MiB")
     qfuse = os.environ.get("QFUSE") or str(Path(sys.executable).parent / "qfuse")
     images = build_images(args.out / "images", size)
-    lines = [f"| check, {size >> 20} MiB image | qemu-img | qfuse | qfuse / qemu-img |",
-             "|---|---|---|---|"]
+    lines = [
+        f"| check, {size >> 20} MiB image | qemu-img | qfuse | qfuse / qemu-img |",
+        "|---|---|---|---|",
+    ]
     for key, name in CHECK_IMAGES:
         times = {}
-        for tool, cmd in (("qemu-img", ["qemu-img", "check", str(images[key])]),
-                          ("qfuse", [qfuse, "check", str(images[key])])):
+        for tool, cmd in (
+            ("qemu-img", ["qemu-img", "check", str(images[key])]),
+            ("qfuse", [qfuse, "check", str(images[key])]),
+        ):
             runs = sorted(_timed(cmd) for _ in range(args.repeat))
             times[tool] = runs[len(runs) // 2]
             log(f"check {name}: {tool} {times[tool]:.3f} s")
-        lines.append(f"| {name} | {times['qemu-img']:.3f} s | {times['qfuse']:.3f} s | "
-                     f"{times['qfuse'] / times['qemu-img']:.1f}x |")
+        lines.append(
+            f"| {name} | {times['qemu-img']:.3f} s | {times['qfuse']:.3f} s | "
+            f"{times['qfuse'] / times['qemu-img']:.1f}x |"
+        )
     text = "\n".join(lines) + (
         f"\n\nMedian of {args.repeat} run(s), wall time of the whole command (qfuse's "
-        f"includes starting Python); {os.cpu_count()} CPUs ({cpu_model()}).\n")
+        f"includes starting Python); {os.cpu_count()} CPUs ({cpu_model()}).\n"
+    )
     (args.out / "check.md").write_text(text)
     print(text)
     return 0
@@ -645,6 +686,13 @@ def main() -> int:
         default=None,
         help="set the views' read_ahead_kb (default: leave the kernel's)",
     )
+    parser.add_argument(
+        "--cache",
+        default="writeback",
+        help="comma-separated cache modes to run every job in, for qfuse (--cache) and qsd "
+        "(QEMU's meaning, via cache.direct/cache.no-flush/writethrough), or 'all' "
+        "(default: writeback)",
+    )
     parser.add_argument("--out", type=Path, default=HERE / "out", help="output directory")
     parser.add_argument(
         "--tools", action="store_true",
@@ -670,6 +718,9 @@ def main() -> int:
         if not shutil.which(tool):
             parser.error(f"{tool} not found (make bench installs it)")
 
+    modes = list(CACHE_MODES) if args.cache == "all" else [m for m in args.cache.split(",") if m]
+    if not modes or set(modes) - set(CACHE_MODES):
+        parser.error(f"--cache: modes are {', '.join(CACHE_MODES)} or 'all'")
     notes: list[str] = []
     systems = [s for s in args.systems.split(",") if s]
     qfuse = os.environ.get("QFUSE") or str(Path(sys.executable).parent / "qfuse")
@@ -713,30 +764,36 @@ def main() -> int:
         "qemu-storage-daemon": version_of([qsd, "--version"]) if qsd else "not installed",
         "qfuse": version_of(["git", "-C", str(REPO), "describe", "--always", "--dirty"]),
     }
-    runs: dict[tuple[str, str], list[Result]] = collections.defaultdict(list)
+    runs: dict[tuple[str, str, str], list[Result]] = collections.defaultdict(list)
     broken: dict[str, str] = {}
     readahead: dict[str, str] = {}
     t_start = time.monotonic()
     try:
-        for job in jobs:
-            for rep in range(args.repeat):
-                log(
-                    f"job {job.name}: {job.title}" + (f", run {rep + 1}" if args.repeat > 1 else "")
-                )
-                for system in systems:
-                    if system in broken:
-                        r = Result(error=f"not run ({broken[system]})")
-                    else:
-                        bench = Run(job, system, pin, work, images, size, args.readahead_kb)
-                        r = bench.run(qfuse=qfuse, qsd=qsd, fio_json=args.out / "fio")
-                        if bench.mount_failed:
-                            broken[system] = f"{system} failed to mount earlier"
-                        if bench.readahead:
-                            readahead[system] = bench.readahead
-                        notes.extend(bench.notes)
-                    runs[(job.name, system)].append(r)
-                    shown = r.error or f"{fmt(r.value, job.unit)} {job.unit}"
-                    log(f"  {system:6} {shown}")
+        for mode in modes:
+            # The floor has no cache modes: it runs once, beside the first mode.
+            mode_systems = systems if mode == modes[0] else [s for s in systems if s != "floor"]
+            for job in jobs:
+                for rep in range(args.repeat):
+                    log(
+                        f"job {job.name}: {job.title}, cache={mode}"
+                        + (f", run {rep + 1}" if args.repeat > 1 else "")
+                    )
+                    for system in mode_systems:
+                        if system in broken:
+                            r = Result(error=f"not run ({broken[system]})")
+                        else:
+                            bench = Run(
+                                job, system, pin, work, images, size, args.readahead_kb, mode
+                            )
+                            r = bench.run(qfuse=qfuse, qsd=qsd, fio_json=args.out / "fio")
+                            if bench.mount_failed:
+                                broken[system] = f"{system} failed to mount earlier"
+                            if bench.readahead:
+                                readahead[system] = bench.readahead
+                            notes.extend(bench.notes)
+                        runs[(mode, job.name, system)].append(r)
+                        shown = r.error or f"{fmt(r.value, job.unit)} {job.unit}"
+                        log(f"  {system:6} {shown}")
     except KeyboardInterrupt:
         notes.append("interrupted: the table is incomplete")
         log("interrupted")
@@ -748,13 +805,15 @@ def main() -> int:
         meta["runs"] = f"{args.repeat} per job and system, interleaved; the median is shown"
     meta["read_ahead_kb of the views"] = ", ".join(f"{k} {v}" for k, v in readahead.items())
     meta["duration"] = f"{time.monotonic() - t_start:.0f} s"
-    text = report(meta, jobs, systems, results, notes)
+    text = report(meta, jobs, systems, modes, results, notes)
     (args.out / "results.md").write_text(text)
     (args.out / "results.json").write_text(
         json.dumps(
             {
                 "meta": meta,
-                "results": {f"{j}/{s}": dataclasses.asdict(r) for (j, s), r in results.items()},
+                "results": {
+                    f"{m}/{j}/{s}": dataclasses.asdict(r) for (m, j, s), r in results.items()
+                },
             },
             indent=2,
         )
@@ -775,6 +834,7 @@ class Run:
     images: dict[str, Path]
     size: int
     readahead_kb: int | None
+    cache: str = "writeback"
     mount_failed: bool = False
     readahead: str = ""
     notes: list[str] = dataclasses.field(default_factory=list)
@@ -783,7 +843,7 @@ class Run:
         job, system = self.job, self.system
         image, raw = self._prepare()
         view = self.work / f"{system}-{job.name}.raw"
-        mounter = Mounter(system, self.pin, self.work, qfuse=qfuse, qsd=qsd)
+        mounter = Mounter(system, self.pin, self.work, qfuse=qfuse, qsd=qsd, cache=self.cache)
         try:
             warm(raw if system == "floor" else image)
             with mounter.mounted(image, raw, view, writable=job.write):
@@ -791,15 +851,17 @@ class Run:
                 if self.readahead_kb is not None and ra.exists():
                     ra.write_text(str(self.readahead_kb))
                 self.readahead = ra.read_text().strip() if ra.exists() else "?"
-                result = run_fio(job, view, self.pin, fio_json / f"{job.name}-{system}.json")
+                result = run_fio(
+                    job, view, self.pin, fio_json / f"{job.name}-{system}-{self.cache}.json"
+                )
             if job.write and system != "floor":
                 check = subprocess.run(
                     ["qemu-img", "check", str(image)], capture_output=True, text=True
                 )
                 if check.returncode != 0:
                     self.notes.append(
-                        f"{job.name} / {system}: qemu-img check exit {check.returncode} after"
-                        " the job"
+                        f"{job.name} / {system} / cache={self.cache}: qemu-img check exit "
+                        f"{check.returncode} after the job"
                     )
             return result
         except MountError as e:

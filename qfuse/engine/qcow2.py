@@ -427,8 +427,9 @@ class Qcow2Image:
 
     def _read_cached_cluster(self, guest_offset: int, length: int) -> bytes | None:
         """The common small read, without one `await`: inside one cluster,
-        its L2 table cached, plain data, a page-cache host file.  None when
-        any of that does not hold; `read_guest` then does the general work.
+        its L2 table cached, plain data, a page-cache host file (or O_DIRECT
+        with no other request waiting).  None when any of that does not
+        hold; `read_guest` then does the general work.
 
         Every `await` of a coroutine costs on the per-request path, and a
         4 KiB random read is mostly per-request cost (PERF-NOTES).
@@ -457,9 +458,13 @@ class Qcow2Image:
         if entry & (OFLAG_COMPRESSED | OFLAG_ZERO) or not host or host & cluster_mask:
             return None
         data_host = self.data_host
-        if data_host.alignment != 1:
-            return None
-        data = os.pread(data_host.fd, length, host + (guest_offset & cluster_mask))
+        if data_host.alignment == 1:
+            data = os.pread(data_host.fd, length, host + (guest_offset & cluster_mask))
+        else:
+            direct = data_host.pread_direct_now(host + (guest_offset & cluster_mask), length)
+            if direct is None:
+                return None
+            data = direct
         return data if len(data) == length else None
 
     async def read_guest(self, guest_offset: int, length: int) -> bytes:

@@ -41,7 +41,7 @@ import trio
 
 from qfuse.cli.mountopts import MountOptions
 from qfuse.errors import QfuseError, UsageError
-from qfuse.fuse import detach, runstate, vmdk
+from qfuse.fuse import backlog, detach, runstate, vmdk
 from qfuse.fuse.view import ImageFile, Node, TextFile, View
 
 log = logging.getLogger(__name__)
@@ -312,6 +312,9 @@ def serve(spec: MountSpec, reporter: detach.Reporter) -> int:
             if created:
                 os.unlink(spec.mountpoint)
             raise
+        from qfuse.engine import hostfile
+
+        hostfile.run_direct_io_inline_when(backlog.queue_empty_probe())
         record = None
         vmdk_path = None
         served = False

@@ -661,8 +661,8 @@ def test_not_a_qcow2_image(kind: str, args: list[str], tmp_path: Path) -> None:
         assert path.stat().st_mtime_ns == mtime
 
 
-@pytest.mark.parametrize("args", [["--repair", "some"], ["--output", "xml"], []],
-                         ids=["repair", "output", "no-image"])
+@pytest.mark.parametrize("args", [["--repair", "some"], ["--output", "xml"], ["--bogus"], []],
+                         ids=["repair", "output", "unknown", "no-image"])
 def test_bad_option_exits_1(args: list[str], tmp_path: Path) -> None:
     """qemu-img check exits 1 on a bad option: 2 would say "corruptions"."""
     img = _make("v3", tmp_path)

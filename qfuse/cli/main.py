@@ -140,9 +140,24 @@ def mount_options_from_args(args: argparse.Namespace) -> MountOptions:
     return options
 
 
+def _subcommand_parser(
+    parser: argparse.ArgumentParser, command: str | None
+) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            return action.choices[command]
+    return parser
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Parse a command line (without the program name); UsageError if it is wrong."""
-    args = _build_parser().parse_args(_normalize_argv(list(argv)))
+    parser = _build_parser()
+    args, extras = parser.parse_known_args(_normalize_argv(list(argv)))
+    if extras:
+        # Said by the command's own parser, so that its exit status applies
+        # (`qfuse check --bogus` exits 1 like qemu-img, not 2 = corruptions).
+        chosen = _subcommand_parser(parser, args.command)
+        chosen.error(f"unrecognized arguments: {' '.join(extras)}")
     if args.command is None:
         raise UsageError(None, f"a command is needed: one of {', '.join(COMMANDS)}")
     return args

@@ -14,8 +14,10 @@ import mmap
 import os
 import stat
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import trio
+if TYPE_CHECKING:
+    import trio
 
 from qfuse.errors import ImageError
 
@@ -137,6 +139,8 @@ class HostFile:
             return _pread_full(self.fd, host_offset, length)
         if _run_inline():
             return self._pread_aligned(host_offset, length)
+        import trio  # here, not at the top: see _BlockLocks
+
         return await trio.to_thread.run_sync(self._pread_aligned, host_offset, length)
 
     def pread_direct_now(self, host_offset: int, length: int) -> bytes | None:
@@ -219,6 +223,8 @@ class HostFile:
             if _run_inline():
                 self._pwrite_aligned(host_offset, data)
             else:
+                import trio
+
                 await trio.to_thread.run_sync(self._pwrite_aligned, host_offset, data)
 
     def _pwrite_aligned(self, host_offset: int, data: bytes | bytearray | memoryview) -> None:
@@ -261,6 +267,8 @@ class HostFile:
                           host_offset, length) == 0
 
     async def datasync_async(self) -> None:
+        import trio
+
         await trio.to_thread.run_sync(os.fdatasync, self.fd)
 
     def close(self) -> None:
@@ -298,7 +306,12 @@ def _pwrite_full(fd: int, offset: int, data: bytes | bytearray | memoryview) -> 
 
 
 class _BlockLocks:
-    """Hold the trio locks of some alignment blocks, in ascending order."""
+    """Hold the trio locks of some alignment blocks, in ascending order.
+
+    trio is imported where it is used in this module: the offline tools
+    (check, info, create) open host files but never run an event loop, and
+    importing trio is half of their start-up time.
+    """
 
     def __init__(self, table: dict[int, trio.Lock], blocks: list[int]) -> None:
         self._table = table
@@ -307,7 +320,11 @@ class _BlockLocks:
 
     async def __aenter__(self) -> None:
         for block in self._blocks:
-            lock = self._table.setdefault(block, trio.Lock())
+            import trio
+
+            lock = self._table.get(block)
+            if lock is None:
+                lock = self._table[block] = trio.Lock()
             await lock.acquire()
             self._held.append(block)
 

@@ -27,8 +27,11 @@ STAMP := $(VENV)/.qfuse-installed
 
 # Debian packages for the daemon, the tests and the demo (qemu-system-x86: the
 # guest that tests/test_guest_boot.py boots on a view; systemd: systemd-analyze
-# and the fstab generator for tests/test_systemd.py, nothing is started).
-DEBS := fuse3 libfuse3-dev pkg-config qemu-utils fio e2fsprogs qemu-system-x86 systemd
+# and the fstab generator for tests/test_systemd.py, and the manager that
+# tests/test_systemd_boot.py boots; systemd-container: systemd-nspawn, the
+# container it boots in).
+DEBS := fuse3 libfuse3-dev pkg-config qemu-utils fio e2fsprogs qemu-system-x86 systemd \
+	systemd-container
 # Extra for the benchmark: qemu-storage-daemon (the C peer).
 BENCH_DEBS := qemu-system-common
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: mounting the real `qfuse` command, and a leftover check.
+"""Shared fixtures: mounting the real `qfuse` command, daemons a test starts
+itself, and a leftover check.
 
 Everything a test makes lives under its own ``tmp_path``, so the tests run in
 parallel under pytest-xdist.  After each test, nothing may stay mounted and
@@ -15,11 +16,14 @@ from pathlib import Path
 
 import pytest
 from mountutil import (
+    Cleanup,
+    NotifySocket,
     detach_loop,
     force_unmount,
     loop_devices_backed_by,
     mount_view,
     mounts_under,
+    pattern_image,
 )
 
 MountFn = Callable[..., Path]
@@ -58,6 +62,32 @@ def mount(tmp_path: Path) -> Iterator[MountFn]:
             return stack.enter_context(mount_view(image, mountpoint, *args))
 
         yield _mount
+
+
+@pytest.fixture
+def cleanup() -> Iterator[Cleanup]:
+    """Tears down the mounts, daemons and children a test registers, whatever happened."""
+    tracker = Cleanup()
+    try:
+        yield tracker
+    finally:
+        tracker.teardown()
+
+
+@pytest.fixture
+def notify() -> Iterator[NotifySocket]:
+    """A stand-in for systemd's notification socket (``notify.env()`` names it)."""
+    sock = NotifySocket()
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    """tmp_path/disk.qcow2: 64 MiB, the first 64 KiB written with PATTERN."""
+    return pattern_image(tmp_path / "disk.qcow2")
 
 
 @pytest.fixture(autouse=True)

@@ -9,6 +9,13 @@ gone (PID 1 does not reap orphans here, so a PID never vanishes by itself).
 Processes are only ever signalled by the PID this module found for *this*
 mountpoint, never by name.
 
+Tests that start the daemon themselves (``--foreground``, signals, the
+systemd units) use `Cleanup`, which tears down what they started whatever
+happened, and `NotifySocket`, which stands in for systemd's
+``$NOTIFY_SOCKET``; conftest.py makes fixtures of both.  `Cleanup` finds a
+background daemon through its state file (qfuse.fuse.runstate, the record
+`qfuse umount` waits on) and signals only that PID.
+
 The oracle for every byte is `qemu-img convert -O raw` (which follows
 backing files and reads snapshots with ``-l snapshot.name=``), and
 `qemu-img compare` run against the mounted view.
@@ -19,19 +26,25 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from images import qemu_img, qemu_io, run  # noqa: F401  (qemu_io re-exported)
 
+from qfuse.fuse import runstate
+
 MOUNT_TIMEOUT = 30.0
 UMOUNT_TIMEOUT = 30.0
 GONE_TIMEOUT = 10.0
+# Any one wait on a daemon a test started itself (READY=1, exit, unmount).
+TIMEOUT = 30.0
 
 
 def qfuse_argv() -> list[str]:
@@ -315,6 +328,97 @@ def mount_view(
         problems = teardown(mp, image, pids)
     if ok and problems:
         raise AssertionError("; ".join(problems))
+
+
+# --------------------------------------------------------------------------
+# Daemons a test starts itself: signals, --foreground, $NOTIFY_SOCKET
+# --------------------------------------------------------------------------
+
+PATTERN_IMAGE_SIZE = 64 << 20
+PATTERN = b"\xab" * 65536  # the first 64 KiB of pattern_image()'s raw view
+
+
+def pattern_image(path: Path) -> Path:
+    """A 64 MiB qcow2 image (qemu-img) whose first 64 KiB are PATTERN (qemu-io)."""
+    qemu_img("create", "-q", "-f", "qcow2", path, str(PATTERN_IMAGE_SIZE))
+    qemu_io(path, "write -P 0xab 0 64k")
+    return path
+
+
+def pid_gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie (PID 1 here may never reap it)."""
+    return process_state(pid) in (None, "Z", "X")
+
+
+def qemu_img_check(image: str | os.PathLike[str]) -> None:
+    """`qemu-img check` finds the image clean (exit 0)."""
+    result = subprocess.run(["qemu-img", "check", image], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+class Cleanup:
+    """What a test started, to be torn down whatever happened.
+
+    Mountpoints are unmounted (`fusermount3 -u` retried, then ``-uz``); then
+    the PIDs recorded for them and the test's own children get SIGTERM, then
+    SIGKILL.  Nothing is signalled by name.
+    """
+
+    def __init__(self) -> None:
+        self.mountpoints: list[Path] = []
+        self.pids: set[int] = set()
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def daemon_of(self, mountpoint: Path) -> int:
+        """The daemon's pid from its state file (remembered for teardown)."""
+        record = runstate.read_record(runstate.canonical_mountpoint(str(mountpoint)))
+        assert record is not None, f"no state file for {mountpoint}"
+        self.pids.add(record.pid)
+        return record.pid
+
+    def teardown(self) -> None:
+        for mountpoint in self.mountpoints:
+            with contextlib.suppress(AssertionError):
+                self.daemon_of(mountpoint)
+            force_unmount(mountpoint)
+        for pid in self.pids:
+            self._end_pid(pid)
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+    @staticmethod
+    def _end_pid(pid: int) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if pid_gone(pid):
+                return
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+            wait_until(lambda: pid_gone(pid), 5.0)
+
+
+class NotifySocket:
+    """A datagram socket standing in for systemd's NOTIFY_SOCKET (abstract name)."""
+
+    def __init__(self) -> None:
+        self.name = f"qfuse-test-{uuid.uuid4().hex}"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + self.name)
+        self.sock.settimeout(TIMEOUT)
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "NOTIFY_SOCKET": "@" + self.name}
+
+    def receive(self) -> bytes:
+        return self.sock.recv(4096)
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 # --------------------------------------------------------------------------

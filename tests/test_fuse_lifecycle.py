@@ -5,39 +5,41 @@ qemu-img/qemu-io under its own tmp_path (so the tests run in parallel), and
 the `cleanup` fixture always tears down what the test started: unmount with
 retries, then a lazy ``fusermount3 -uz``, then SIGTERM/SIGKILL to the PIDs
 this test started or that the state file names for its own mountpoints.
-Nothing is ever signalled by name.
+Nothing is ever signalled by name.  That fixture, `notify` and `image` are
+in conftest.py, their helpers in mountutil.py (test_systemd.py and
+test_mount_helper.py use them too).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
 import signal
-import socket
 import stat
 import subprocess
-import sys
-import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from images import sha256
+from mountutil import (
+    PATTERN,
+    PATTERN_IMAGE_SIZE,
+    TIMEOUT,
+    Cleanup,
+    NotifySocket,
+    is_mounted,
+    pid_gone,
+    qemu_img_check,
+    qfuse_argv,
+    wait_until,
+)
 
 from qfuse.fuse import runstate
 
 pytestmark = pytest.mark.mount
 
-PATTERN = b"\xab" * 65536
-SIZE = 64 << 20
-TIMEOUT = 30.0
-
-
-def qfuse_argv() -> list[str]:
-    script = Path(sys.executable).parent / "qfuse"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "qfuse"]
+SIZE = PATTERN_IMAGE_SIZE  # of the `image` fixture (conftest.py)
 
 
 def qfuse(*args: str | os.PathLike[str], env: dict[str, str] | None = None,
@@ -54,97 +56,6 @@ def qfuse(*args: str | os.PathLike[str], env: dict[str, str] | None = None,
     )  # fmt: skip
 
 
-def is_mounted(path: Path) -> bool:
-    return runstate.mount_fstype(runstate.canonical_mountpoint(str(path))) is not None
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def qemu_img_check(image: Path) -> None:
-    result = subprocess.run(["qemu-img", "check", image], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
-def pid_gone(pid: int) -> bool:
-    return runstate.process_state(pid) in (None, "Z", "X")
-
-
-def wait_until(predicate: object, timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {predicate}"
-        time.sleep(0.01)
-
-
-class Cleanup:
-    """What a test started, to be torn down whatever happened."""
-
-    def __init__(self) -> None:
-        self.mountpoints: list[Path] = []
-        self.pids: set[int] = set()
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def daemon_of(self, mountpoint: Path) -> int:
-        """The daemon's pid from its state file (remembered for teardown)."""
-        record = runstate.read_record(runstate.canonical_mountpoint(str(mountpoint)))
-        assert record is not None, f"no state file for {mountpoint}"
-        self.pids.add(record.pid)
-        return record.pid
-
-    def teardown(self) -> None:
-        for mountpoint in self.mountpoints:
-            with contextlib.suppress(AssertionError):
-                self.daemon_of(mountpoint)
-            for _ in range(10):
-                if not is_mounted(mountpoint):
-                    break
-                subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True)
-                time.sleep(0.1)
-            if is_mounted(mountpoint):
-                subprocess.run(["fusermount3", "-uz", mountpoint], capture_output=True)
-        for pid in self.pids:
-            self._end_pid(pid)
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-
-    @staticmethod
-    def _end_pid(pid: int) -> None:
-        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-            if pid_gone(pid):
-                return
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-            deadline = time.monotonic() + wait
-            while not pid_gone(pid) and time.monotonic() < deadline:
-                time.sleep(0.02)
-
-
-@pytest.fixture
-def cleanup() -> Iterator[Cleanup]:
-    tracker = Cleanup()
-    try:
-        yield tracker
-    finally:
-        tracker.teardown()
-
-
-@pytest.fixture
-def image(tmp_path: Path) -> Path:
-    path = tmp_path / "disk.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", path, "64M"], check=True)
-    subprocess.run(["qemu-io", "-c", "write -P 0xab 0 64k", path], check=True,
-                   capture_output=True)  # fmt: skip
-    return path
-
-
 def mount_bg(cleanup: Cleanup, image: Path, mountpoint: Path, *args: str) -> int:
     """`qfuse mount` in the background, asserting success; the daemon's pid."""
     cleanup.mountpoints.append(mountpoint)
@@ -152,29 +63,6 @@ def mount_bg(cleanup: Cleanup, image: Path, mountpoint: Path, *args: str) -> int
     assert result.returncode == 0, result.stderr
     assert result.stdout == result.stderr == ""
     return cleanup.daemon_of(mountpoint)
-
-
-class NotifySocket:
-    """A datagram socket standing in for systemd's NOTIFY_SOCKET (abstract name)."""
-
-    def __init__(self) -> None:
-        self.name = f"qfuse-test-{uuid.uuid4().hex}"
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind("\0" + self.name)
-        self.sock.settimeout(TIMEOUT)
-
-    def env(self) -> dict[str, str]:
-        return {**os.environ, "NOTIFY_SOCKET": "@" + self.name}
-
-    def receive(self) -> bytes:
-        return self.sock.recv(4096)
-
-
-@pytest.fixture
-def notify() -> Iterator[NotifySocket]:
-    sock = NotifySocket()
-    yield sock
-    sock.sock.close()
 
 
 def start_foreground(
@@ -259,7 +147,7 @@ def test_signal_ends_cleanly(
     pid = mount_bg(cleanup, image, view)
     before = sha256(image)
     os.kill(pid, signum)
-    wait_until(lambda: pid_gone(pid))
+    assert wait_until(lambda: pid_gone(pid), TIMEOUT)
     assert not is_mounted(view)
     assert runstate.read_record(runstate.canonical_mountpoint(str(view))) is None
     qemu_img_check(image)
@@ -273,7 +161,7 @@ def test_sigterm_with_the_view_open(cleanup: Cleanup, image: Path, tmp_path: Pat
     try:
         assert os.pread(fd, 4096, 0) == PATTERN[:4096]
         os.kill(pid, signal.SIGTERM)
-        wait_until(lambda: pid_gone(pid))
+        assert wait_until(lambda: pid_gone(pid), TIMEOUT)
         # Detached from the namespace (no stale mount); the open file is dead.
         assert not is_mounted(view)
         with pytest.raises(OSError) as info:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import filecmp
-import hashlib
 import os
 import shutil
 import subprocess
@@ -32,7 +31,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_fuse_lifecycle import (
+from images import sha256
+from mountutil import (
     PATTERN,
     TIMEOUT,
     Cleanup,
@@ -197,15 +197,6 @@ def cleanup(tmp_path: Path) -> Iterator[Cleanup]:
 
 
 @pytest.fixture
-def image(tmp_path: Path) -> Path:
-    path = tmp_path / "disk.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", path, "64M"], check=True)
-    subprocess.run(["qemu-io", "-c", "write -P 0xab 0 64k", path], check=True,
-                   capture_output=True)  # fmt: skip
-    return path
-
-
-@pytest.fixture
 def view(tmp_path: Path, cleanup: Cleanup) -> Path:
     path = tmp_path / "disk.raw"
     path.touch()
@@ -229,10 +220,6 @@ def mountinfo(view: Path) -> tuple[str, str]:
     with open("/proc/self/mountinfo") as f:
         fields = next(line.split() for line in f if line.split()[4] == str(view))
     return fields[5], fields[fields.index("-") + 1]
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # -- mount -t fuse.qfuse -------------------------------------------------------
@@ -289,7 +276,7 @@ def test_umount_without_the_helper_still_ends_the_daemon_cleanly(
     # -i: plain umount(2), no helper; the daemon then finishes on its own.
     result = run("umount", "-i", view)
     assert result.returncode == 0, result.stderr
-    wait_until(lambda: pid_gone(pid))
+    assert wait_until(lambda: pid_gone(pid), TIMEOUT)
     qemu_img_check(image)
 
 
@@ -305,7 +292,7 @@ def test_lazy_umount_detaches_at_once(cleanup: Cleanup, image: Path, view: Path)
         assert os.pread(fd, 4, 0) == PATTERN[:4]  # still served until closed
     finally:
         os.close(fd)
-    wait_until(lambda: pid_gone(pid))
+    assert wait_until(lambda: pid_gone(pid), TIMEOUT)
     qemu_img_check(image)
 
 

@@ -1,7 +1,9 @@
 """The systemd units in systemd/: they verify, and their command lines work.
 
-PID 1 here is not systemd, so no unit is started by a real manager.  What is
-checked instead:
+No unit is started by a systemd manager in this module (PID 1 here is not
+systemd); test_systemd_boot.py does that, booting a systemd container to run
+the shipped qfuse@.service with its hardening in force.  What is checked
+here:
 
 * `systemd-analyze verify` accepts every unit (with ExecStart pointing at
   this checkout's qfuse, since /usr/local/bin/qfuse need not exist);
@@ -18,7 +20,8 @@ checked instead:
   (what docs/systemd.md says about ``_netdev`` and ``nofail``).
 
 Generic lifecycle (signals, ``fusermount3 -u``, ``--debug``) is in
-test_fuse_lifecycle.py, whose helpers this module reuses.
+test_fuse_lifecycle.py; the helpers and fixtures both use are in
+mountutil.py and conftest.py.
 """
 
 from __future__ import annotations
@@ -29,11 +32,10 @@ import shlex
 import shutil
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_fuse_lifecycle import (
+from mountutil import (
     PATTERN,
     TIMEOUT,
     Cleanup,
@@ -132,28 +134,8 @@ def service_command(key: str, env: dict[str, str]) -> list[str]:
 
 
 @pytest.fixture
-def cleanup() -> Iterator[Cleanup]:
-    tracker = Cleanup()
-    try:
-        yield tracker
-    finally:
-        tracker.teardown()
-
-
-@pytest.fixture
-def notify() -> Iterator[NotifySocket]:
-    sock = NotifySocket()
-    yield sock
-    sock.sock.close()
-
-
-@pytest.fixture
-def conf(tmp_path: Path) -> dict[str, str]:
+def conf(tmp_path: Path, image: Path) -> dict[str, str]:
     """The example EnvironmentFile, with the image and view under tmp_path."""
-    image = tmp_path / "disk.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", image, "64M"], check=True)
-    subprocess.run(["qemu-io", "-c", "write -P 0xab 0 64k", image], check=True,
-                   capture_output=True)  # fmt: skip
     env = environment_file(EXAMPLE_CONF)
     assert set(env) == {"IMAGE", "MOUNTPOINT", "OPTIONS"}
     env["IMAGE"] = str(image)
@@ -315,7 +297,7 @@ def test_stop_post_clears_only_a_dead_mount_so_restart_works(
         assert f.read(65536) == PATTERN
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(TIMEOUT) == 0
-    wait_until(lambda: not is_mounted(view))
+    assert wait_until(lambda: not is_mounted(view), TIMEOUT)
     qemu_img_check(Path(conf["IMAGE"]))
 
 

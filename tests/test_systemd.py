@@ -2,8 +2,8 @@
 
 No unit is started by a systemd manager in this module (PID 1 here is not
 systemd); test_systemd_boot.py does that, booting a systemd container to run
-the shipped qfuse@.service with its hardening in force.  What is checked
-here:
+the shipped qfuse@.service with its hardening in force, the shipped .mount
+unit and the documented fstab line.  What is checked here:
 
 * `systemd-analyze verify` accepts every unit (with ExecStart pointing at
   this checkout's qfuse, since /usr/local/bin/qfuse need not exist);

@@ -1,11 +1,19 @@
-"""qfuse@.service started by a real systemd manager, hardening and all.
+"""The three documented ways to mount the view at boot, under a real systemd.
 
 PID 1 of the test machine is not systemd, so test_systemd.py can only verify
-the units and run their command lines by hand.  Here the shipped
-systemd/qfuse@.service, unchanged, runs under a real systemd: the manager
-itself applies every setting (Type=notify, the capability bounding set,
-DevicePolicy=closed with DeviceAllow=/dev/fuse, SystemCallFilter=,
-RestrictAddressFamilies=, MemoryDenyWriteExecute=, Restart=, ExecStopPost=).
+the units and run their command lines by hand.  Here a real systemd manager
+
+* runs the shipped systemd/qfuse@.service, unchanged, and itself applies
+  every setting (Type=notify, the capability bounding set,
+  DevicePolicy=closed with DeviceAllow=/dev/fuse, SystemCallFilter=,
+  RestrictAddressFamilies=, MemoryDenyWriteExecute=, Restart=,
+  ExecStopPost=);
+* mounts the view through the shipped systemd/var-lib-images-disk.raw.mount,
+  unchanged, and through the fstab line of docs/systemd.md (after
+  `systemctl daemon-reload` has run systemd-fstab-generator): the manager
+  runs mount(8) -> mount.fuse3 -> qfuse to start, and umount(8) ->
+  /sbin/umount.fuse.qfuse -> `qfuse umount` to stop, which must return only
+  once qfuse has closed the image.
 
 The manager is PID 1 of a `systemd-nspawn --boot` container of this very
 machine's OS (the command line is `nspawn_argv()`; docs/systemd.md shows it):
@@ -19,16 +27,19 @@ machine's OS (the command line is `nspawn_argv()`; docs/systemd.md shows it):
   host's /tmp, /run, /etc and services are never touched, and when
   systemd-nspawn exits its mounts are gone.
 * The upper layer starts with what an administrator installs
-  (docs/systemd.md, `make install-helper`): /usr/local/bin/qfuse, a symlink
-  to the venv's console script; a byte copy of qfuse@.service in
-  /etc/systemd/system; a byte copy of systemd/qfuse-example.conf as
-  /etc/qfuse/disk.conf, whose image and view are in /var/lib/images; and
+  (docs/systemd.md, and `make install-helper`, whose install paths are read
+  from the Makefile): /usr/local/bin/qfuse, a symlink to the venv's console
+  script; /sbin/umount.fuse.qfuse, a copy of scripts/umount.fuse.qfuse (in
+  usr/sbin when /sbin links there, as `install` writes it); a byte copy of
+  qfuse@.service in /etc/systemd/system; a byte copy of
+  systemd/qfuse-example.conf as /etc/qfuse/disk.conf, whose image and view
+  are in /var/lib/images; and
   qfuse-test.target, which the container boots (sysinit.target only: no
   getty, no services of the host's multi-user.target).
 * Bound into it: a directory of the test's tmp_path at /var/lib/images (so
   the image is the host's file: `qemu-img check` runs on the host once the
-  service has stopped), /dev/fuse, and read-only this checkout and the
-  Python installation the venv uses.
+  service or the mount has stopped), /dev/fuse, and read-only this checkout
+  and the Python installation the venv uses.
 * `--system-call-filter=bpf` lets the container's systemd load the BPF
   device program that implements DevicePolicy= on cgroup v2 (without it the
   manager finds "BPF device control not supported" and silently skips
@@ -37,18 +48,21 @@ machine's OS (the command line is `nspawn_argv()`; docs/systemd.md shows it):
   manager on the host makes one.  `--private-network`: only a loopback.
 * The tests drive the container's manager as an administrator would:
   `systemctl`, `journalctl`, `cmp`, `dd` run inside the container's
-  namespaces (nsenter).  Those helpers run with the host's privileges, not
-  under the service's restrictions, which only the daemon itself has.
+  namespaces (nsenter), and the .mount unit, /etc/fstab and a unit that
+  uses the view are written into its /etc (through /proc/PID/root) before a
+  `systemctl daemon-reload`.  Those helpers run with the host's privileges,
+  not under the service's restrictions, which only the daemon itself has.
 
 Teardown, also after a failure: SIGTERM to systemd-nspawn halts the
-container (its systemd stops the service first), then we wait for nspawn to
-exit and for the container's cgroup to be empty, and remove the cgroup.  A
+container (its systemd first stops the service or unmounts the view, through
+the umount helper), then we wait for nspawn to exit and for the container's
+cgroup to be empty, and remove the cgroup.  A
 container that will not halt has its PID 1 killed (nspawn reaps it).  If
 pytest itself dies, nspawn gets SIGTERM (parent-death signal).
 
 Everything is per test (tmp_path, cgroup and machine name), so the tests run
 in parallel with the rest of the suite.  Booting takes about a second;
-Restart=on-failure waits RestartSec=5s.
+Restart=on-failure waits RestartSec=5s; no test takes more than about 7 s.
 """
 
 from __future__ import annotations
@@ -84,7 +98,24 @@ pytestmark = pytest.mark.mount
 REPO = Path(__file__).resolve().parent.parent
 SERVICE = REPO / "systemd" / "qfuse@.service"
 EXAMPLE_CONF = REPO / "systemd" / "qfuse-example.conf"
-INSTALLED_QFUSE = "/usr/local/bin/qfuse"  # what the unit's ExecStart= runs
+MOUNT_UNIT_FILE = REPO / "systemd" / "var-lib-images-disk.raw.mount"
+SYSTEMD_DOC = REPO / "docs" / "systemd.md"
+UMOUNT_SCRIPT = REPO / "scripts" / "umount.fuse.qfuse"
+
+
+def _makefile_default(name: str) -> str:
+    """`NAME ?= VALUE` of the Makefile: where `make install-helper` installs."""
+    text = (REPO / "Makefile").read_text()
+    match = re.search(rf"^{name} \?= *(\S+)$", text, re.MULTILINE)
+    assert match, f"the Makefile sets no default {name}"
+    return match.group(1)
+
+
+# What `make install-helper` installs: the console script linked into
+# HELPER_BINDIR (the path the service's ExecStart= runs, and the one mount.fuse3
+# finds), and the umount helper.
+INSTALLED_QFUSE = _makefile_default("HELPER_BINDIR") + "/qfuse"
+UMOUNT_HELPER = _makefile_default("UMOUNT_HELPER")
 
 
 def _example_conf() -> dict[str, str]:
@@ -103,6 +134,9 @@ VIEW = CONF["MOUNTPOINT"]  # /var/lib/images/disk.raw
 IMAGES = os.path.dirname(IMAGE)
 EXPECTED = f"{IMAGES}/expected.raw"  # qemu-img convert -O raw of the image, made on the host
 CHUNK = f"{IMAGES}/chunk"  # data the test writes through the view
+# The example .mount unit, for the same image and view; fstab-generator names
+# the unit of an fstab line for that view the same way.
+MOUNT_UNIT = MOUNT_UNIT_FILE.name
 
 BOOT_TARGET = "qfuse-test.target"
 BOOT_TARGET_UNIT = """\
@@ -221,9 +255,14 @@ class Container:
         if check and result.returncode != 0:
             raise AssertionError(
                 f"in the container, `{shlex.join(argv)}` exited {result.returncode}:\n"
-                f"{result.stdout}{result.stderr}\n{self.status(UNIT)}"
+                f"{result.stdout}{result.stderr}\n{self.journal_tail()}"
             )
         return result
+
+    def write(self, path: str, text: str) -> None:
+        """Write a file in the container, as its administrator would (into the
+        overlay's upper layer, through the container's root directory)."""
+        Path(f"/proc/{self.leader}/root{path}").write_text(text)
 
     def systemctl(self, *args: str) -> None:
         self.run("systemctl", *args)
@@ -238,6 +277,11 @@ class Container:
         journal = self.run("journalctl", "-b", "--no-pager", "-u", unit, check=False)
         return f"{status.stdout}\n{journal.stdout}"
 
+    def journal_tail(self, lines: int = 40) -> str:
+        """The end of this boot's journal, for failure messages."""
+        tail = self.run("journalctl", "-b", "--no-pager", f"--lines={lines}", check=False)
+        return tail.stdout
+
     def journal(self, *matches: str) -> list[dict[str, str]]:
         """The records of this boot's journal with every FIELD=value of `matches`."""
         out = self.run("journalctl", "-b", "--no-pager", "--output=json", *matches).stdout
@@ -248,10 +292,32 @@ class Container:
         records = self.journal(f"_SYSTEMD_UNIT={unit}", "SYSLOG_IDENTIFIER=qfuse")
         return [(r["PRIORITY"], r["MESSAGE"]) for r in records]
 
+    def fstype(self, path: str) -> str | None:
+        """The type of what is mounted on `path` in the container's mount
+        namespace (the last mount there), or None."""
+        found = None
+        with open(f"/proc/{self.leader}/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if fields[4] == path:
+                    found = fields[fields.index("-") + 1]
+        return found
+
     def mounted(self, path: str) -> bool:
         """Something is mounted on `path` in the container's mount namespace."""
-        with open(f"/proc/{self.leader}/mountinfo") as f:
-            return any(line.split()[4] == path for line in f)
+        return self.fstype(path) is not None
+
+    def unit_processes(self, unit: str) -> list[int]:
+        """The PIDs (in the container) of the processes in the unit's cgroup."""
+        cgroup = self.show(unit, "ControlGroup")["ControlGroup"]
+        assert cgroup, f"{unit} has no cgroup"
+        procs = self.run("cat", f"/sys/fs/cgroup{cgroup}/cgroup.procs").stdout
+        return [int(pid) for pid in procs.split()]
+
+    def exited(self, pid: int) -> bool:
+        """The container's process `pid` is gone, or a zombie not reaped yet."""
+        stat = self.run("cat", f"/proc/{pid}/stat", check=False)
+        return stat.returncode != 0 or stat.stdout.rpartition(")")[2].split()[0] in "ZX"
 
     def wait_for(self, unit: str, timeout: float = TIMEOUT, **want: str) -> dict[str, str]:
         """Poll `systemctl show` until every property has the wanted value."""
@@ -370,14 +436,22 @@ def stage_tree(stage: Path) -> None:
     """What the upper layer starts with: the install steps of docs/systemd.md."""
     script = Path(sys.executable).parent / "qfuse"  # what `make install-helper` links
     assert script.exists(), f"needs the installed console script {script}"
-    for d in ("etc/systemd/system", "etc/qfuse", "usr/local/bin"):
-        (stage / d).mkdir(parents=True)
+    # `install` writes through a merged-/usr system's /sbin -> usr/sbin link
+    # (the host's root is the lower layer): an sbin/ directory in the upper
+    # layer would hide that link and everything in /usr/sbin.
+    umount_helper = stage / os.path.realpath(UMOUNT_HELPER).lstrip("/")
+    qfuse = stage / INSTALLED_QFUSE.lstrip("/")
+    for d in (stage / "etc/systemd/system", stage / "etc/qfuse", qfuse.parent,
+              umount_helper.parent):  # fmt: skip
+        d.mkdir(parents=True, exist_ok=True)
     for d in [p for p in stage.rglob("*") if p.is_dir()]:
         d.chmod(0o755)  # the upper layer's directories give the merged ones their modes
     shutil.copyfile(SERVICE, stage / "etc/systemd/system" / SERVICE.name)
     (stage / "etc/systemd/system" / BOOT_TARGET).write_text(BOOT_TARGET_UNIT)
     shutil.copyfile(EXAMPLE_CONF, stage / "etc/qfuse/disk.conf")
-    (stage / INSTALLED_QFUSE.lstrip("/")).symlink_to(script)
+    qfuse.symlink_to(script)
+    shutil.copyfile(UMOUNT_SCRIPT, umount_helper)
+    umount_helper.chmod(0o755)
 
 
 def read_only_binds() -> list[str]:
@@ -503,6 +577,23 @@ def stop_cleanly(c: Container) -> None:
     assert exit_status == ("exited", "0"), record["MESSAGE"]
 
 
+def serves_and_takes_a_write(c: Container) -> None:
+    """The view reads byte for byte what `qemu-img convert -O raw` makes of the
+    image; 1 MiB written through it (dd, flushed by fsync) reads back."""
+    c.run("cmp", VIEW, EXPECTED)
+    c.run("dd", f"if={CHUNK}", f"of={VIEW}", "bs=64k", "seek=16", "conv=notrunc,fsync",
+          "status=none")  # fmt: skip
+    c.run("cmp", "--bytes=1048576", "--ignore-initial=1048576:0", VIEW, CHUNK)
+
+
+def image_is_clean_and_written(images: Path) -> None:
+    """On the host: `qemu-img check` is clean, and the image holds the write."""
+    image = images / os.path.basename(IMAGE)
+    qemu_img_check(image)
+    raw = convert_raw(image)
+    assert raw[:65536] == PATTERN
+    assert raw[1 << 20 : 2 << 20] == (images / os.path.basename(CHUNK)).read_bytes()
+
 
 def test_service_starts_serves_writes_and_stops_cleanly(
     container: Container, images: Path
@@ -516,11 +607,7 @@ def test_service_starts_serves_writes_and_stops_cleanly(
         "ActiveState": "active", "SubState": "running",
     }  # fmt: skip
     assert c.mounted(VIEW)
-    c.run("cmp", VIEW, EXPECTED)  # byte for byte qemu-img convert -O raw
-    # A write through the view, read back, then flushed by fsync.
-    c.run("dd", f"if={CHUNK}", f"of={VIEW}", "bs=64k", "seek=16", "conv=notrunc,fsync",
-          "status=none")  # fmt: skip
-    c.run("cmp", "--bytes=1048576", "--ignore-initial=1048576:0", VIEW, CHUNK)
+    serves_and_takes_a_write(c)
     stop_cleanly(c)
     # qfuse's own lines reached journald, priority taken from the <6> prefix.
     want = [
@@ -529,12 +616,7 @@ def test_service_starts_serves_writes_and_stops_cleanly(
         ("6", f"{VIEW}: unmounted, {IMAGE} closed"),
     ]
     assert wait_until(lambda: c.qfuse_journal(UNIT) == want, 10.0), c.qfuse_journal(UNIT)
-    # On the host: a clean image holding what was written.
-    image = images / os.path.basename(IMAGE)
-    qemu_img_check(image)
-    raw = convert_raw(image)
-    assert raw[:65536] == PATTERN
-    assert raw[1 << 20 : 2 << 20] == (images / os.path.basename(CHUNK)).read_bytes()
+    image_is_clean_and_written(images)
 
 
 def test_hardening_is_in_force_while_it_serves(container: Container) -> None:
@@ -588,3 +670,131 @@ def test_sigkill_restarts_it_and_the_view_serves_again(
     c.run("cmp", VIEW, EXPECTED)
     stop_cleanly(c)
     qemu_img_check(images / os.path.basename(IMAGE))
+
+
+# -- the .mount unit and the fstab line: mount(8) under the manager ----------------------
+
+
+# A unit that uses the view, as docs/systemd.md says to write one.
+USER_UNIT = f"""\
+[Unit]
+Description=qfuse tests: reads the view
+RequiresMountsFor={VIEW}
+
+[Service]
+Type=oneshot
+ExecStart=/usr/bin/cmp --bytes=65536 {VIEW} {EXPECTED}
+"""
+
+
+def documented_fstab_line() -> str:
+    """The fstab line of docs/systemd.md (the block under "# /etc/fstab")."""
+    lines = SYSTEMD_DOC.read_text().splitlines()
+    start = lines.index("# /etc/fstab")
+    line = lines[start + 1]
+    assert line.split()[:3] == [IMAGE, VIEW, "fuse.qfuse"], line
+    return line
+
+
+def mount_unit_mounts_serves_and_unmounts(c: Container, images: Path, unit: str) -> None:
+    """`systemctl start UNIT`: mount(8) -> mount.fuse3 -> `qfuse IMAGE VIEW -o
+    OPTS`, which returns once the view serves and leaves the daemon in the
+    unit's cgroup.  `systemctl stop UNIT`: `umount -c VIEW` -> umount.fuse.qfuse
+    -> `qfuse umount`, which returns once the daemon has closed the image; so
+    the stop job ends with the daemon gone."""
+    # Documented: systemd orders the mount after, and makes it require, the
+    # filesystems holding the image and Where='s parent directory.
+    requires = c.show(unit, "RequiresMountsFor")["RequiresMountsFor"].split()
+    assert {IMAGE, IMAGES} <= set(requires), requires
+    c.systemctl("start", unit)
+    assert c.show(unit, "ActiveState", "SubState") == {
+        "ActiveState": "active", "SubState": "mounted",
+    }  # fmt: skip
+    assert c.fstype(VIEW) == "fuse.qfuse"
+    (daemon,) = c.unit_processes(unit)  # qfuse, in the background
+    serves_and_takes_a_write(c)
+    invocation = c.show(unit, "InvocationID")["InvocationID"]
+    c.systemctl("stop", unit)
+    assert c.show(unit, "ActiveState")["ActiveState"] == "inactive"
+    assert not c.mounted(VIEW)
+    # No waiting: the stop job itself waited for the daemon (without the
+    # helper, umount returns as soon as the view is detached, and the manager
+    # logs "Unit process N (qfuse) remains running after unit stopped").
+    assert c.exited(daemon), c.journal_tail()
+    leftovers = c.journal(f"UNIT={unit}", f"INVOCATION_ID={invocation}")
+    assert not [r["MESSAGE"] for r in leftovers if "remains running" in r["MESSAGE"]]
+    # The daemon logs to syslog (the journal), attributed to the unit by its cgroup.
+    want = [
+        ("6", f"{VIEW}: serving {IMAGE} (cache=writeback, read-write)"),
+        ("6", f"{VIEW}: unmounted, {IMAGE} closed"),
+    ]
+    assert wait_until(lambda: c.qfuse_journal(unit) == want, 10.0), c.qfuse_journal(unit)
+    image_is_clean_and_written(images)
+
+
+def test_example_mount_unit_mounts_serves_and_unmounts(
+    container: Container, images: Path
+) -> None:
+    c = container
+    # As its comment says: Where= must exist as a regular file, and the file
+    # name is Where= escaped.
+    (images / os.path.basename(VIEW)).touch()
+    escaped = c.run("systemd-escape", "--path", "--suffix=mount", VIEW).stdout.strip()
+    assert escaped == MOUNT_UNIT
+    c.write(f"/etc/systemd/system/{MOUNT_UNIT}", MOUNT_UNIT_FILE.read_text())
+    c.systemctl("daemon-reload")
+    loaded = c.show(MOUNT_UNIT, "FragmentPath", "What", "Where", "Type", "Options")
+    assert loaded == {
+        "FragmentPath": f"/etc/systemd/system/{MOUNT_UNIT}", "What": IMAGE, "Where": VIEW,
+        "Type": "fuse.qfuse", "Options": "cache=writeback",
+    }  # fmt: skip
+    # Enabled ([Install]), local-fs.target wants it and is ordered after it:
+    # the boot waits for the view, but goes on if it fails.
+    c.systemctl("enable", MOUNT_UNIT)
+    deps = c.show(MOUNT_UNIT, "WantedBy", "RequiredBy", "Before")
+    assert "local-fs.target" in deps["WantedBy"].split()
+    assert "local-fs.target" in deps["Before"].split()
+    assert "local-fs.target" not in deps["RequiredBy"].split()
+    mount_unit_mounts_serves_and_unmounts(c, images, MOUNT_UNIT)
+
+
+def test_fstab_line_mounts_through_the_generated_unit(
+    container: Container, images: Path
+) -> None:
+    c = container
+    line = documented_fstab_line()
+    (images / os.path.basename(VIEW)).touch()
+    c.write("/etc/fstab", f"# docs/systemd.md\n{line}\n")
+    c.systemctl("daemon-reload")  # runs systemd-fstab-generator
+    loaded = c.show(MOUNT_UNIT, "SourcePath", "What", "Where", "Type", "WantedBy",
+                    "RequiredBy", "Before")  # fmt: skip
+    assert loaded["SourcePath"] == "/etc/fstab"
+    assert (loaded["What"], loaded["Where"], loaded["Type"]) == (IMAGE, VIEW, "fuse.qfuse")
+    # nofail: local-fs.target only wants the mount and is not ordered after
+    # it, so the boot neither waits for the view nor fails with it.
+    assert "nofail" in line.split()[3].split(",")
+    assert "local-fs.target" in loaded["WantedBy"].split()
+    assert "local-fs.target" not in loaded["RequiredBy"].split() + loaded["Before"].split()
+    image = images / os.path.basename(IMAGE)
+    aside = image.with_name("moved-aside.qcow2")
+    image.rename(aside)
+    try:
+        c.systemctl("start", "local-fs.target")  # pulls the mount in again
+        c.wait_for(MOUNT_UNIT, ActiveState="failed", Result="exit-code")  # no image
+        assert c.show("local-fs.target", "ActiveState")["ActiveState"] == "active"
+        assert not c.mounted(VIEW)
+        # qfuse's one line, on mount(8)'s stderr, is in the journal as an error.
+        errors = c.journal(f"_SYSTEMD_UNIT={MOUNT_UNIT}", "PRIORITY=3")
+        assert [r["MESSAGE"] for r in errors if r["MESSAGE"].startswith(f"{IMAGE}: ")], errors
+    finally:
+        aside.rename(image)
+    mount_unit_mounts_serves_and_unmounts(c, images, MOUNT_UNIT)
+    # So a unit that uses the view says RequiresMountsFor=, which pulls the
+    # mount in and orders the unit after it: it starts once the view serves.
+    c.write("/etc/systemd/system/qfuse-test-user.service", USER_UNIT)
+    c.systemctl("daemon-reload")
+    c.systemctl("start", "qfuse-test-user.service")  # oneshot: fails if cmp does
+    assert c.show(MOUNT_UNIT, "ActiveState")["ActiveState"] == "active"
+    c.systemctl("stop", MOUNT_UNIT)
+    assert not c.mounted(VIEW)
+    qemu_img_check(image)

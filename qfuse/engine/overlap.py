@@ -31,6 +31,11 @@ class MetadataMap:
     def hit(self, host_offset: int, length: int) -> str | None:
         """The structure a write of `length` bytes at `host_offset` would hit."""
         clusters = self._clusters
+        first = host_offset >> self.cluster_bits
+        if first == (host_offset + length - 1) >> self.cluster_bits:  # the usual case
+            what = clusters.get(first)
+            return None if what is None else \
+                f"{what} at host offset 0x{first << self.cluster_bits:x}"
         for cluster in self._range(host_offset, length):
             what = clusters.get(cluster)
             if what is not None:

@@ -36,7 +36,8 @@ class Held:
 
 class RangeLocks:
     def __init__(self) -> None:
-        self._held: list[tuple[int, int, trio.Event]] = []
+        # [start, end, event]: the event is made only once someone waits.
+        self._held: list[list] = []
 
     def is_free(self, start: int, end: int) -> bool:
         """No request holds any part of [start, end)."""
@@ -55,20 +56,28 @@ class _RangeHeld:
 
     def __init__(self, locks: RangeLocks, start: int, end: int) -> None:
         self._locks = locks
-        self._entry = (start, end, trio.Event())
+        self._entry: list = [start, end, None]
 
     async def __aenter__(self) -> None:
         start, end, _ = self._entry
         held = self._locks._held
         while True:
-            for held_start, held_end, released in held:
-                if held_start < end and start < held_end:
-                    await released.wait()
+            for other in held:
+                if other[0] < end and start < other[1]:
+                    if other[2] is None:
+                        other[2] = trio.Event()
+                    await other[2].wait()
                     break
             else:
                 break
         held.append(self._entry)
 
     async def __aexit__(self, *exc: object) -> None:
-        self._locks._held.remove(self._entry)
-        self._entry[2].set()
+        held, entry = self._locks._held, self._entry
+        for i, other in enumerate(held):
+            if other is entry:  # by identity: two empty ranges compare equal
+                del held[i]
+                break
+        released = entry[2]
+        if released is not None:
+            released.set()

@@ -6,9 +6,16 @@ table entry that points to it, a new refcount table before the header that
 points to it, and callers write a cluster's raised refcount back before
 anything that references the cluster (see `Writer.write_back`).
 
-Concurrency: every method must be called with the image's metadata lock
-held (`Writer.metadata_lock`): allocation reads and changes many blocks
-across awaits.
+Concurrency: every method that awaits must be called with the image's
+metadata lock held (`Writer.metadata_lock`): allocation reads and changes
+many blocks across awaits.  `free_cluster_now` and `take_now` never await;
+they may be called while that lock is free (nothing else is then half-way
+through an allocation or a write-back).
+
+The free hint is a lower bound: no cluster below it is free.  A
+single-cluster allocation takes the first free cluster from the hint on and
+moves the hint past it, so the next one usually finds its cluster at once
+instead of scanning from the start of the file.
 """
 
 from __future__ import annotations
@@ -133,9 +140,46 @@ class Refcounts:
                 continue  # the new block may sit where we meant to allocate
             for cluster_index in range(start, start + count):
                 await self._set_in_existing_block(cluster_index, 1)
-            if start == self.free_hint:
+            if count == 1 or start == self.free_hint:
+                # Every cluster from the hint up to `start` is in use.
                 self.free_hint = start + count
+            else:
+                # A run was wanted: a shorter hole may lie before it.
+                self.free_hint = await self._find_free(1)
             return start << self.cluster_bits
+
+    def free_cluster_now(self) -> int:
+        """Index of the first free cluster from the hint on, found without an
+        `await`: only inside the hint's refcount block, and only when that
+        block is cached.  -1 when that does not hold (`allocate` then does
+        the general work); nothing is changed either way."""
+        table_index, in_block = divmod(self.free_hint, self.block_entries)
+        if table_index >= len(self.reftable):
+            return -1
+        offset = self.reftable[table_index] & REFT_OFFSET_MASK
+        if not offset or offset & (self.cluster_size - 1):
+            return -1
+        block = self.blocks.peek(offset)
+        if block is None:
+            return -1
+        if not self.codec.get(block, in_block):
+            return self.free_hint  # the usual case: the hint is exact
+        found = self.codec.find_zero_run(block, in_block, 1)
+        return -1 if found < 0 else table_index * self.block_entries + found
+
+    def take_now(self, cluster_index: int) -> None:
+        """Give refcount 1 to the cluster `free_cluster_now` just returned.
+
+        The caller must not have awaited since (the block is still cached
+        and the cluster still free)."""
+        table_index, index = divmod(cluster_index, self.block_entries)
+        offset = self.reftable[table_index] & REFT_OFFSET_MASK
+        block = self.blocks.peek(offset)
+        assert block is not None
+        self.codec.set(block, index, 1)
+        self.blocks.mark_dirty(offset)
+        # It was the first free cluster from the hint on.
+        self.free_hint = cluster_index + 1
 
     async def _find_free(self, count: int) -> int:
         """First index of `count` clusters with refcount 0, from the hint on."""
@@ -215,8 +259,8 @@ class Refcounts:
         self.blocks.add_new(block_offset, block)
         self.blocks.mark_clean(block_offset)
         self._metadata.add(block_offset, self.cluster_size, "refcount block")
-        if where == self.free_hint:
-            self.free_hint = where + 1
+        # `where` was the first free cluster from the hint on.
+        self.free_hint = max(self.free_hint, where + 1)
 
     async def _grow_table(self, needed_index: int) -> None:
         """Move the refcount table to a larger one covering `needed_index`.

@@ -16,8 +16,7 @@ keeps that short by writing back when `needs_writeback()` says so.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
 import trio
@@ -92,22 +91,18 @@ class TableCache(Generic[T]):
             self._tables.move_to_end(host_offset)
         return table
 
-    @asynccontextmanager
-    async def pinned(self, host_offset: int) -> AsyncIterator[T]:
-        """The table at `host_offset`, kept in the cache until the block ends."""
-        table = await self.get(host_offset)
-        # Between the load and here nothing awaited, so `table` is the cached
-        # object; pinning it now keeps it the only copy.
-        self._pins[host_offset] = self._pins.get(host_offset, 0) + 1
-        try:
-            yield table
-        finally:
-            left = self._pins[host_offset] - 1
-            if left:
-                self._pins[host_offset] = left
-            else:
-                del self._pins[host_offset]
-                self._evict_over_capacity()
+    def pinned(self, host_offset: int) -> _Pinned[T]:
+        """``async with cache.pinned(offset) as table:`` the table at
+        `host_offset`, kept in the cache until the block ends."""
+        return _Pinned(self, host_offset)
+
+    def _unpin(self, host_offset: int) -> None:
+        left = self._pins[host_offset] - 1
+        if left:
+            self._pins[host_offset] = left
+        else:
+            del self._pins[host_offset]
+            self._evict_over_capacity()
 
     def add_new(self, host_offset: int, table: T) -> None:
         """Put a table that exists only in memory so far (dirty)."""
@@ -186,3 +181,25 @@ class TableCache(Generic[T]):
             "misses": self.misses,
             "evictions": self.evictions,
         }
+
+
+class _Pinned(Generic[T]):
+    """`TableCache.pinned`: a plain class, not an async generator (cheaper
+    on the per-request path)."""
+
+    __slots__ = ("_cache", "_offset")
+
+    def __init__(self, cache: TableCache[T], host_offset: int) -> None:
+        self._cache = cache
+        self._offset = host_offset
+
+    async def __aenter__(self) -> T:
+        cache, offset = self._cache, self._offset
+        table = await cache.get(offset)
+        # Between the load and here nothing awaited, so `table` is the cached
+        # object; pinning it now keeps it the only copy.
+        cache._pins[offset] = cache._pins.get(offset, 0) + 1
+        return table
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._cache._unpin(self._offset)

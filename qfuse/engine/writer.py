@@ -5,12 +5,21 @@ Ordering (QEMU's rule: an on-disk refcount may be too high, never too low):
 1. a new cluster's refcount is raised in the (cached) refcount block;
 2. guest data, with any copy-on-write head and tail, is written to it;
 3. the L2 entry is changed in the cached L2 table;
-4. at write-back: dirty refcount blocks, a barrier, dirty L2 tables, a
-   barrier, and only then the refcount decrements of clusters the L2 tables
-   no longer reference (`pending_frees`).
+4. at write-back: dirty refcount blocks, a barrier, dirty L2 tables, and,
+   if new L2 tables were made, a barrier and the L1 entries pointing at
+   them; then a barrier, and only then the refcount decrements of clusters
+   the L2 tables no longer reference (`pending_frees`).
 
-A new L2 table is written, after its refcount and before the L1 entry that
-points to it.  So a crash at any instant leaves at most leaked clusters.
+Steps 1-3 happen in memory in any order that has no `await` between them
+(`_allocate_now` writes the data first); what reaches the file, and when,
+is decided by write-back alone.  New cluster data is always written before
+that barrier, so it is on disk before an L2 entry pointing at it; when its
+refcount reached the file earlier (a write-back in between, while the data
+write was under way), `_unsynced_data` still asks for the barrier.
+
+A new L2 table is made in the cache (dirty) and its L1 entry changes in
+memory; both reach the file at the next write-back, table first.  So a
+crash at any instant leaves at most leaked clusters.
 A *barrier* is `fdatasync` in `writeback` and `none`; in `writethrough` and
 `directsync` every write is already durable (O_DSYNC); `unsafe` has none.
 
@@ -83,6 +92,7 @@ class Writer:
         self.image = image
         self.file = image.file
         self.cache = image.cache
+        self.write_through = image.cache.write_through
         self.header = image.header
         self.cluster_bits = image.cluster_bits
         self.cluster_size = image.cluster_size
@@ -103,6 +113,11 @@ class Writer:
             and self.header.version >= 3
         self._prepared = False
         self._marked_dirty = False
+        # New-cluster data written since the last barrier began: the next
+        # write-back puts a barrier before the L2 tables that point at it.
+        self._unsynced_data = False
+        # L1 entries changed in memory (new L2 tables) but not yet written.
+        self._dirty_l1: set[int] = set()
         self.failure: str | None = None
         self.flushes = 0
         self.bytes_written = 0
@@ -144,6 +159,8 @@ class Writer:
     async def barrier(self) -> None:
         """Order earlier writes before later ones across a power loss."""
         if self.cache in (CacheMode.WRITEBACK, CacheMode.NONE):
+            # Cleared before the sync starts: data written meanwhile sets it again.
+            self._unsynced_data = False
             await self.file.datasync_async()
 
     async def _write_header_field(self, offset: int, value: int) -> None:
@@ -210,49 +227,57 @@ class Writer:
         self._check_writable()
         if not self._prepared:
             await self._prepare()
-        if self._write_in_place_now(guest_offset, data):
-            self.write_requests += 1
-            self.bytes_written += len(data)
-            return len(data)
         image = self.image
-        mask = self.cluster_size - 1
-        end = guest_offset + len(data)
-        l2_shift = self.cluster_bits + image.l2_bits
-        view = memoryview(data)
-        async with self.ranges.locked(guest_offset & ~mask, (end + mask) & ~mask):
-            pos = guest_offset
-            while pos < end:
-                l1_index = pos >> l2_shift
-                span_end = min(end, (l1_index + 1) << l2_shift)
-                await self._write_span(l1_index, pos,
-                                       view[pos - guest_offset:span_end - guest_offset])
-                pos = span_end
+        if not self._write_now(guest_offset, data):
+            mask = self.cluster_size - 1
+            end = guest_offset + len(data)
+            l2_shift = self.cluster_bits + image.l2_bits
+            view = memoryview(data)
+            async with self.ranges.locked(guest_offset & ~mask, (end + mask) & ~mask):
+                pos = guest_offset
+                while pos < end:
+                    l1_index = pos >> l2_shift
+                    span_end = min(end, (l1_index + 1) << l2_shift)
+                    await self._write_span(l1_index, pos,
+                                           view[pos - guest_offset:span_end - guest_offset])
+                    pos = span_end
         self.write_requests += 1
         self.bytes_written += len(data)
-        if self.cache.write_through:
+        if self.write_through:
             if image.l2_cache.dirty_count or self.refcounts.blocks.dirty_count \
-                    or self.pending_frees:
+                    or self.pending_frees or self._dirty_l1:
                 await self.write_back()
         elif image.l2_cache.needs_writeback() or self.refcounts.blocks.needs_writeback():
             await self.write_back()
         return len(data)
 
-    def _write_in_place_now(self, guest_offset: int, data: bytes) -> bool:
-        """The common overwrite, without one `await`: inside one cluster this
-        image owns (COPIED, not zero, not compressed), its L2 table cached,
-        no other write on that cluster, a page-cache host file.  False when
-        any of that does not hold, and nothing was done."""
+    def _write_now(self, guest_offset: int, data: bytes) -> bool:
+        """The two common small writes, without one `await`.  Both lie inside
+        one cluster whose L2 table is this image's own and cached, on a
+        page-cache image file, with no other write holding that cluster:
+
+        * an overwrite of a cluster this image owns (COPIED, not zero, not
+          compressed, every subcluster allocated): one `pwrite` in place;
+        * a write into a cluster with no host cluster that reads as zeros:
+          `_allocate_now`.
+
+        False when neither applies, and nothing was done."""
         image = self.image
         cluster_bits = self.cluster_bits
         end = guest_offset + len(data)
-        if not data or (guest_offset ^ (end - 1)) >> cluster_bits or self.external:
+        if not data or (guest_offset ^ (end - 1)) >> cluster_bits or self.external \
+                or self.file.alignment != 1:
             return False
-        l1_index = guest_offset >> (cluster_bits + image.l2_bits)
-        l1_entry = image.l1[l1_index]
+        l1_entry = image.l1[guest_offset >> (cluster_bits + image.l2_bits)]
         if not l1_entry & OFLAG_COPIED:
             return False
-        table = image.l2_cache.peek(l1_entry & L1E_OFFSET_MASK)
+        l2_offset = l1_entry & L1E_OFFSET_MASK
+        table = image.l2_cache.peek(l2_offset)
         if table is None:
+            return False
+        cs = self.cluster_size
+        cluster_start = guest_offset & ~(cs - 1)
+        if not self.ranges.is_free(cluster_start, cluster_start + cs):
             return False
         index = (guest_offset >> cluster_bits) & (image.l2_entries - 1)
         if image.extended_l2:
@@ -261,20 +286,59 @@ class Writer:
             entry = table[2 * index]
         else:
             entry = table[index]
-        cluster_mask = self.cluster_size - 1
         host = entry & L2E_OFFSET_MASK
+        if not host:
+            return not image.extended_l2 and \
+                self._allocate_now(table, l2_offset, index, entry, cluster_start,
+                                   guest_offset, data)
         if entry & (OFLAG_COMPRESSED | OFLAG_ZERO) or not entry & OFLAG_COPIED \
-                or not host or host & cluster_mask:
+                or host & (cs - 1):
             return False
-        if image.data_host.alignment != 1:
-            return False
-        cluster_start = guest_offset & ~cluster_mask
-        if not self.ranges.is_free(cluster_start, cluster_start + self.cluster_size):
-            return False
-        target = host + (guest_offset & cluster_mask)
+        target = host + (guest_offset - cluster_start)
         if self.metadata.hit(target, len(data)) is not None:
             return False  # the general path reports it
-        image.data_host.pwrite_now(target, data)
+        self.file.pwrite_now(target, data)
+        return True
+
+    def _allocate_now(self, table: array, l2_offset: int, index: int, entry: int,
+                      cluster_start: int, guest_offset: int, data: bytes) -> bool:
+        """`_write_now` into a standard L2 entry with no host cluster: when
+        the cluster reads as zeros (an unallocated entry in an image without
+        a backing file, a zero cluster, or a write of the whole cluster),
+        no write-back is under way (`metadata_lock` free), and the cached
+        refcount block at the allocator's hint has a free cluster.
+
+        The guest bytes go to that new host cluster, then its refcount and
+        the L2 entry change in the cached tables: write-back orders them on
+        disk as for any other write (module docstring).  Past the end of the
+        file the rest of the cluster reads as zeros already and is not
+        written.  False when any of that does not hold, and nothing was done.
+        """
+        size = len(data)
+        cs = self.cluster_size
+        if entry & ~OFLAG_ZERO or self.metadata_lock.locked() \
+                or (not entry and self.image.backing is not None and size != cs):
+            return False
+        refcounts = self.refcounts
+        cluster_index = refcounts.free_cluster_now()
+        if cluster_index < 0:
+            return False
+        host = cluster_index << self.cluster_bits
+        if self.metadata.hit(host, cs) is not None:
+            return False  # the general path reports it
+        at = guest_offset - cluster_start
+        host_file = self.file
+        if host < host_file.size():
+            # A cluster freed earlier: its old bytes must not show through.
+            host_file.pwritev_now(host, [bytes(at), data, bytes(cs - at - size)])
+        else:
+            host_file.pwrite_now(host + at, data)
+        self._unsynced_data = True
+        refcounts.take_now(cluster_index)
+        table[index] = host | OFLAG_COPIED
+        image = self.image
+        image.guest_data_bytes += cs
+        image.l2_cache.mark_dirty(l2_offset)
         return True
 
     async def _write_span(self, l1_index: int, pos: int, data: memoryview) -> None:
@@ -409,6 +473,8 @@ class Writer:
             new_bitmap = None
         await self._check_overlap(host + (lo - cluster_start), len(content))
         await image.data_host.pwrite(host + (lo - cluster_start), content)
+        if not self.external:
+            self._unsynced_data = True
         async with Held(self.metadata_lock):
             if new_bitmap is None:
                 old = table[index]
@@ -454,15 +520,17 @@ class Writer:
             at = j * cs
             head_end = at + cluster.write_start - cluster.cluster_start
             tail_start = at + cluster.write_end - cluster.cluster_start
+            entry = table[cluster.index]
             if head_end > at:
                 segments.append((at, *await self._cow_source(cluster.cluster_start,
-                                                             cluster.write_start)))
+                                                             cluster.write_start, entry)))
             segments.append((head_end, cluster.data, False))
             if tail_start < at + cs:
                 segments.append((tail_start, *await self._cow_source(
-                    cluster.write_end, cluster.cluster_start + cs)))
+                    cluster.write_end, cluster.cluster_start + cs, entry)))
         await self._check_overlap(base, count * cs)
         await self._write_fresh(base, segments)
+        self._unsynced_data = True
         async with Held(self.metadata_lock):
             for j, cluster in enumerate(clusters):
                 host = base + j * cs
@@ -485,13 +553,18 @@ class Writer:
                 self._release_old(old)
             image.l2_cache.mark_dirty(l2_offset)
 
-    async def _cow_source(self, start: int, end: int) -> tuple[bytes, bool]:
+    async def _cow_source(self, start: int, end: int, entry: int) -> tuple[bytes, bool]:
         """Copy-on-write bytes of [start, end), and whether they are all zeros.
 
-        When the mapping alone says zeros (zero clusters, or unallocated with
-        no backing data there) nothing is read or compared.
+        `entry` is the standard L2 entry of the one cluster the range lies
+        in.  When it alone says zeros (a zero cluster, or unallocated in an
+        image without a backing file), or the mapping does (unallocated with
+        no backing data there), nothing is read or compared.
         """
         image = self.image
+        if (entry & OFLAG_ZERO and not entry & OFLAG_COMPRESSED) \
+                or (not entry and image.backing is None):
+            return bytes(end - start), True
         inside_end = min(end, image.virtual_size)  # past the disk's end: zeros
         if inside_end <= start or all(
             kind == ZERO or (kind == BACKING and image.backing is None)
@@ -598,18 +671,12 @@ class Writer:
             hit = self.metadata.hit(new_offset, self.cluster_size)
             if hit is not None:
                 await self._overlap(hit, new_offset)
-            # Its refcount, then the table, then the L1 entry pointing at it.
-            if await self.refcounts.write_back():
-                await self.barrier()
-            await self.file.pwrite(new_offset, encode_table(new_table))
-            await self.barrier()
-            new_entry = new_offset | OFLAG_COPIED
-            await self.file.pwrite(self.header.l1_table_offset + 8 * l1_index,
-                                   struct.pack(">Q", new_entry))
-            image.l1[l1_index] = new_entry
+            # The table (dirty) and the L1 entry change in memory only;
+            # write-back writes its refcount, the table, then the L1 entry.
+            image.l1[l1_index] = new_offset | OFLAG_COPIED
+            self._dirty_l1.add(l1_index)
             self.metadata.add(new_offset, self.cluster_size, "L2 table")
             image.l2_cache.add_new(new_offset, new_table)
-            image.l2_cache.mark_clean(new_offset)
             if old:
                 self.pending_frees.append((old, self.cluster_size))
             return new_offset
@@ -623,18 +690,26 @@ class Writer:
 
     async def _write_back_locked(self) -> None:
         image = self.image
-        l2_dirty = image.l2_cache.dirty_tables()
-        if self.lazy and (l2_dirty or self.pending_frees) and not self._marked_dirty:
+        l2_dirty = image.l2_cache.dirty_count
+        l1_dirty = bool(self._dirty_l1)
+        if self.lazy and (l2_dirty or l1_dirty or self.pending_frees) and not self._marked_dirty:
             # Lazy refcounts: the dirty bit, durable, before any deferred update.
             await self._set_incompatible(INCOMPAT_DIRTY, True)
             self._marked_dirty = True
         wrote_refcounts = await self.refcounts.write_back()
-        if wrote_refcounts and (l2_dirty or self.pending_frees) and not self.lazy:
+        if (wrote_refcounts or self._unsynced_data) and (l2_dirty or self.pending_frees) \
+                and not self.lazy:
             await self.barrier()
-        # metadata_lock is held: no L2 entry changed since `l2_dirty` was taken.
+        # metadata_lock is held: no L2 or L1 entry changes until the end.
         await image.l2_cache.write_dirty(encode_table, self.file.pwrite)
+        if l1_dirty:
+            # A new L2 table reaches the file before the L1 entry pointing
+            # at it (lazy refcounts or not).
+            if l2_dirty:
+                await self.barrier()
+            await self._write_l1()
         if self.pending_frees:
-            if l2_dirty and not self.lazy:
+            if (l2_dirty or l1_dirty) and not self.lazy:
                 await self.barrier()
             frees, self.pending_frees = self.pending_frees, []
             for host, length in frees:
@@ -644,6 +719,19 @@ class Writer:
                     image.l2_cache.forget(freed)
                     self.metadata.remove(freed, self.cluster_size)
             await self.refcounts.write_back()
+
+    async def _write_l1(self) -> None:
+        """Write the changed L1 entries: one write from the first to the
+        last (the entries between are unchanged, so rewriting them is
+        harmless).  Called with `metadata_lock` held."""
+        dirty, self._dirty_l1 = self._dirty_l1, set()
+        first, last = min(dirty), max(dirty)
+        try:
+            await self.file.pwrite(self.header.l1_table_offset + 8 * first,
+                                   encode_table(self.image.l1[first:last + 1]))
+        except BaseException:
+            self._dirty_l1 |= dirty
+            raise
 
     async def flush(self) -> None:
         """FUSE fsync/flush: metadata back, then the host files durable."""

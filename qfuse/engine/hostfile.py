@@ -7,13 +7,14 @@ file position, because many FUSE handlers run at once).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import enum
 import errno
 import mmap
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -151,13 +152,12 @@ class HostFile:
     def _pread_aligned(self, host_offset: int, length: int) -> bytes:
         mask = self.alignment - 1
         start = host_offset & ~mask
-        end = (host_offset + length + mask) & ~mask
-        buf = mmap.mmap(-1, end - start)  # page-aligned, as O_DIRECT needs
-        try:
+        total = ((host_offset + length + mask) & ~mask) - start
+        with _SCRATCH.buffer(total) as buf:
             done = 0
             view = memoryview(buf)
-            while done < end - start:
-                got = os.preadv(self.fd, [view[done:]], start + done)
+            while done < total:
+                got = os.preadv(self.fd, [view[done:total]], start + done)
                 if got == 0:
                     break
                 done += got
@@ -166,8 +166,6 @@ class HostFile:
             view.release()
             skip = host_offset - start
             return buf[skip:min(done, skip + length)] if done > skip else b""
-        finally:
-            buf.close()
 
     # -- writing ------------------------------------------------------------
 
@@ -184,7 +182,7 @@ class HostFile:
         page-cache modes, so the pieces of a request are never joined (a
         copy of each megabyte costs as much as writing it)."""
         if self.alignment != 1:
-            await self.pwrite(host_offset, b"".join(buffers))
+            await self._pwritev_direct(host_offset, buffers)
             return
         self.pwritev_now(host_offset, buffers)
 
@@ -206,50 +204,62 @@ class HostFile:
         _pwrite_full(self.fd, host_offset, data)
 
     async def pwrite(self, host_offset: int, data: bytes | bytearray | memoryview) -> None:
-        """Write on behalf of a request; like `pread`, O_DIRECT goes to a thread.
-
-        An O_DIRECT write that does not cover whole alignment blocks must
-        read, patch and write the blocks at its edges; two such writes to one
-        block would lose one another's bytes, so they take that block's lock.
-        """
+        """Write on behalf of a request; like `pread`, O_DIRECT goes to a
+        thread unless no other request waits."""
         if self.alignment == 1:
             _pwrite_full(self.fd, host_offset, data)
             return
+        await self._pwritev_direct(host_offset, [data])
+
+    async def _pwritev_direct(self, host_offset: int,
+                              buffers: list[bytes | bytearray | memoryview]) -> None:
+        """An O_DIRECT write of consecutive buffers, copied once into an
+        aligned buffer.
+
+        A write that does not cover whole alignment blocks must read, patch
+        and write the blocks at its edges; two such writes to one block
+        would lose one another's bytes, so they take that block's lock.
+        """
         mask = self.alignment - 1
-        end = host_offset + len(data)
+        end = host_offset + sum(len(b) for b in buffers)
         edges = sorted({host_offset & ~mask, (end - 1) & ~mask}
                        if (host_offset | end) & mask else set())
         async with _BlockLocks(self._edge_locks, edges):
             if _run_inline():
-                self._pwrite_aligned(host_offset, data)
+                self._pwrite_aligned(host_offset, buffers)
             else:
                 import trio
 
-                await trio.to_thread.run_sync(self._pwrite_aligned, host_offset, data)
+                await trio.to_thread.run_sync(self._pwrite_aligned, host_offset, buffers)
 
-    def _pwrite_aligned(self, host_offset: int, data: bytes | bytearray | memoryview) -> None:
+    def _pwrite_aligned(self, host_offset: int,
+                        buffers: list[bytes | bytearray | memoryview]) -> None:
         alignment = self.alignment
         mask = alignment - 1
         start = host_offset & ~mask
-        data_end = host_offset + len(data)
+        data_end = host_offset + sum(len(b) for b in buffers)
         end = (data_end + mask) & ~mask
-        buf = mmap.mmap(-1, end - start)  # page-aligned, as O_DIRECT needs
-        try:
+        total = end - start
+        with _SCRATCH.buffer(total) as buf:
             if start != host_offset:
                 head = self._pread_aligned(start, alignment)
                 buf[:len(head)] = head
+                buf[len(head):alignment] = bytes(alignment - len(head))  # past EOF
             tail_at = end - alignment
             if end != data_end and not (tail_at == start and start != host_offset):
                 tail = self._pread_aligned(tail_at, alignment)
-                buf[tail_at - start:tail_at - start + len(tail)] = tail
-            buf[host_offset - start:data_end - start] = bytes(data)
+                at = tail_at - start
+                buf[at:at + len(tail)] = tail
+                buf[at + len(tail):total] = bytes(alignment - len(tail))  # past EOF
+            at = host_offset - start
+            for piece in buffers:
+                buf[at:at + len(piece)] = piece
+                at += len(piece)
             view = memoryview(buf)
             done = 0
-            while done < end - start:
-                done += os.pwritev(self.fd, [view[done:]], start + done)
+            while done < total:
+                done += os.pwritev(self.fd, [view[done:total]], start + done)
             view.release()
-        finally:
-            buf.close()
         # An unaligned write at the end of the file leaves it padded with
         # zeros to the alignment.  Not cut back: a `ftruncate` here could
         # race another thread's write past it.
@@ -334,6 +344,44 @@ class _BlockLocks:
             lock.release()
             if not lock.statistics().tasks_waiting:
                 del self._table[block]
+
+
+class _ScratchBuffers:
+    """Page-aligned buffers for O_DIRECT, kept for reuse.
+
+    A new anonymous mapping faults in, zero-filled, one page at a time on
+    first touch: for a 1 MiB write that cost more than the write itself
+    (1 MiB O_DIRECT writes went from ~2 ms to ~0.8 ms with reuse).  Sizes
+    are rounded up to a power of two, at least 64 KiB; up to `KEEP` of each
+    size up to `MAX_KEPT` bytes are kept.  Worker threads share the pool:
+    `list.pop`/`append` are atomic.
+    """
+
+    KEEP = 4
+    MAX_KEPT = 4 << 20
+
+    def __init__(self) -> None:
+        self._free: dict[int, list[mmap.mmap]] = {}
+
+    @contextlib.contextmanager
+    def buffer(self, size: int) -> Iterator[mmap.mmap]:
+        """A buffer of at least `size` bytes, contents undefined."""
+        capacity = max(1 << 16, 1 << (size - 1).bit_length())
+        pool = self._free.setdefault(capacity, []) if capacity <= self.MAX_KEPT else []
+        try:
+            buf = pool.pop()
+        except IndexError:
+            buf = mmap.mmap(-1, capacity)
+        try:
+            yield buf
+        finally:
+            if capacity <= self.MAX_KEPT and len(pool) < self.KEEP:
+                pool.append(buf)
+            else:
+                buf.close()
+
+
+_SCRATCH = _ScratchBuffers()
 
 
 def _pread_full(fd: int, offset: int, length: int) -> bytes:

@@ -198,10 +198,21 @@ class HostFile:
                 _pwrite_full(self.fd, host_offset + done, memoryview(b"".join(batch))[done:])
             host_offset += length
 
-    def pwrite_now(self, host_offset: int, data: bytes | bytearray | memoryview) -> None:
-        """A page-cache write on the event loop (alignment 1 only)."""
-        assert self.alignment == 1
-        _pwrite_full(self.fd, host_offset, data)
+    def write_now(self, host_offset: int,
+                  buffers: list[bytes | bytearray | memoryview]) -> bool:
+        """Write consecutive buffers on the event loop if that is the cheap
+        way: always in the page-cache modes; with O_DIRECT when they cover
+        whole alignment blocks (no edge block to read and lock) and no other
+        request waits (`run_direct_io_inline_when`).  False: nothing was
+        written, use `pwritev`."""
+        if self.alignment == 1:
+            self.pwritev_now(host_offset, buffers)
+            return True
+        mask = self.alignment - 1
+        if host_offset & mask or sum(len(b) for b in buffers) & mask or not _run_inline():
+            return False
+        self._pwrite_aligned(host_offset, buffers)
+        return True
 
     async def pwrite(self, host_offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write on behalf of a request; like `pread`, O_DIRECT goes to a

@@ -253,8 +253,11 @@ class Writer:
 
     def _write_now(self, guest_offset: int, data: bytes) -> bool:
         """The two common small writes, without one `await`.  Both lie inside
-        one cluster whose L2 table is this image's own and cached, on a
-        page-cache image file, with no other write holding that cluster:
+        one cluster whose L2 table is this image's own and cached, with no
+        other write holding that cluster, and the host write can be done at
+        once (`HostFile.write_now`: a page-cache image file, or O_DIRECT for
+        whole alignment blocks while no other request waits; an alignment
+        block never spans two clusters here, so no other write shares it):
 
         * an overwrite of a cluster this image owns (COPIED, not zero, not
           compressed, every subcluster allocated): one `pwrite` in place;
@@ -266,7 +269,7 @@ class Writer:
         cluster_bits = self.cluster_bits
         end = guest_offset + len(data)
         if not data or (guest_offset ^ (end - 1)) >> cluster_bits or self.external \
-                or self.file.alignment != 1:
+                or self.file.alignment > self.cluster_size:
             return False
         l1_entry = image.l1[guest_offset >> (cluster_bits + image.l2_bits)]
         if not l1_entry & OFLAG_COPIED:
@@ -297,8 +300,7 @@ class Writer:
         target = host + (guest_offset - cluster_start)
         if self.metadata.hit(target, len(data)) is not None:
             return False  # the general path reports it
-        self.file.pwrite_now(target, data)
-        return True
+        return self.file.write_now(target, [data])
 
     def _allocate_now(self, table: array, l2_offset: int, index: int, entry: int,
                       cluster_start: int, guest_offset: int, data: bytes) -> bool:
@@ -330,9 +332,11 @@ class Writer:
         host_file = self.file
         if host < host_file.size():
             # A cluster freed earlier: its old bytes must not show through.
-            host_file.pwritev_now(host, [bytes(at), data, bytes(cs - at - size)])
+            written = host_file.write_now(host, [bytes(at), data, bytes(cs - at - size)])
         else:
-            host_file.pwrite_now(host + at, data)
+            written = host_file.write_now(host + at, [data])
+        if not written:
+            return False
         self._unsynced_data = True
         refcounts.take_now(cluster_index)
         table[index] = host | OFLAG_COPIED

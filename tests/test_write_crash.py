@@ -306,7 +306,8 @@ def test_sigkill_on_image_kinds(tmp_path: Path, kind: str, mode: str, seed: int)
     assert_check_no_corruption(image)
 
 
-def test_lazy_refcounts_dirty_image_repaired_on_writable_mount(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["writeback", "none"])
+def test_lazy_refcounts_dirty_image_repaired_on_writable_mount(tmp_path: Path, mode: str) -> None:
     image = make_image(tmp_path, options="lazy_refcounts=on")
     seen_dirty = []
 
@@ -315,7 +316,7 @@ def test_lazy_refcounts_dirty_image_repaired_on_writable_mount(tmp_path: Path) -
         seen_dirty.append(info(image).get("dirty-flag"))
 
     original, durable, attempted = kill_during_writes(
-        tmp_path, image, "writeback", 4242, min_writes=20, delay=0.05, need_fsync=True,
+        tmp_path, image, mode, 4242, min_writes=20, delay=0.05, need_fsync=True,
         before_kill=dirty_now,
     )  # fmt: skip
     assert seen_dirty == [True], "the dirty bit was not set after an fsync"
@@ -324,7 +325,7 @@ def test_lazy_refcounts_dirty_image_repaired_on_writable_mount(tmp_path: Path) -
 
     view = tmp_path / "repair.raw"
     view.touch()
-    with mount_view(image, view):
+    with mount_view(image, view, "--cache", mode):
         seen = read_view(view)
     assert_check_clean(image)
     assert info(image).get("dirty-flag") is False

@@ -174,7 +174,7 @@ class HostFile:
         if self.alignment == 1:
             _pwrite_full(self.fd, host_offset, data)
         else:
-            self._pwrite_aligned(host_offset, data)
+            self._pwrite_aligned(host_offset, [data])
 
     async def pwritev(self, host_offset: int,
                       buffers: list[bytes | bytearray | memoryview]) -> None:

@@ -61,3 +61,23 @@ def test_unaligned_direct_writes_match_a_model(tmp_path: Path, cache: CacheMode,
     assert on_disk[:len(model)] == bytes(model)
     assert not on_disk[len(model):].strip(b"\0")
     assert os.path.getsize(path) >= len(model)
+
+
+@pytest.mark.parametrize("cache", [CacheMode.NONE, CacheMode.DIRECTSYNC])
+def test_sync_direct_write_of_a_header_field(tmp_path: Path, cache: CacheMode) -> None:
+    """`pwrite_sync` (header fields, repairs) is an unaligned O_DIRECT write
+    of a few bytes: the rest of its block is kept."""
+    path = tmp_path / "file"
+    before = bytes(range(256)) * 64
+    path.write_bytes(before)
+    try:
+        host = HostFile(str(path), writable=True, cache=cache)
+    except OSError as err:  # a filesystem without O_DIRECT (tmpfs)
+        pytest.skip(f"O_DIRECT: {err}")
+    try:
+        host.pwrite_sync(72, b"\x00\x00\x00\x00\x00\x00\x00\x01")
+        assert host.pread_sync(72, 8) == b"\x00" * 7 + b"\x01"
+    finally:
+        host.close()
+    after = path.read_bytes()
+    assert after[:72] == before[:72] and after[80:] == before[80:]
